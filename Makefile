@@ -1,0 +1,34 @@
+# Quick start:  make demo  (set up, then explain MNIST digits)   |   make test  (set up, then run the tests)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is large: install it once into the venv; this pair is the one the project is tested with
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(VENV)/bin/lrp demo
+
+bench: setup
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf lrp-demo .pytest_cache build src/*.egg-info

@@ -1,0 +1,19 @@
+"""lrp: Layer-wise Relevance Propagation for any PyTorch model, at the cost of a gradient.
+
+>>> import lrp
+>>> res = lrp.explain(model, x)                  # doctest: +SKIP
+>>> res.relevance.shape == x.shape               # doctest: +SKIP
+"""
+
+from . import models, rules
+from .composites import Composite, composite, register_module_rule
+from .errors import LRPError, RuleError, TargetError, UnsupportedOperationError
+from .explain import Explanation, explain
+from .visualize import heatmap, overlay
+
+__all__ = [
+    "explain", "Explanation", "composite", "Composite", "register_module_rule", "rules", "models",
+    "heatmap", "overlay",
+    "LRPError", "RuleError", "TargetError", "UnsupportedOperationError",
+]
+__version__ = "0.1.0"

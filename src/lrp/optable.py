@@ -1,0 +1,76 @@
+"""How each torch operation carries relevance, by the name of the function ``forward`` calls.
+
+With relevance written as ``R = a * g`` (see ``docs/design.md``), the plain gradient already is the LRP rule
+of every operation in ``GRADIENT``: re-indexing (``ROUTE``), maps that are linear in their one
+input-dependent operand (proportional split at sums, average pooling), and maps that are piecewise linear
+through the origin (ReLU, max-pooling winner-take-all). ``IDENTITY`` ops are elementwise non-linearities,
+which pass relevance through unchanged (``R_in = R_out``). Layer ops get the composite's rules. Anything else
+whose output depends on the input has no rule and stops ``explain`` with an error naming it.
+"""
+
+from __future__ import annotations
+
+ROUTE = frozenset("""
+view reshape view_as reshape_as flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis
+squeeze unsqueeze expand expand_as broadcast_to repeat repeat_interleave tile contiguous clone to type
+float double half bfloat16 cpu cuda __getitem__ narrow select index_select gather take_along_dim split
+split_with_sizes chunk unbind tensor_split hsplit vsplit dsplit cat concat concatenate stack hstack vstack dstack
+pad roll flip fliplr flipud rot90 pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle
+masked_fill where unfold fold __iter__ dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
+identity interpolate upsample upsample_nearest masked_scatter index_fill diagonal real
+""".split())
+
+LINEAR = frozenset("""
+add sub subtract __add__ __radd__ __sub__ __rsub__ neg __neg__ negative __pos__ positive sum mean nansum cumsum
+avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d trace
+""".split())
+
+# linear only while at most one operand depends on the input (and, for division, not the divisor)
+PRODUCT = frozenset("mul __mul__ __rmul__ multiply matmul __matmul__ __rmatmul__ mm bmm einsum dot "
+                    "inner outer tensordot".split())
+DIVISION = frozenset("div __truediv__ true_divide divide".split())
+
+PIECEWISE_LINEAR = frozenset("""
+relu leaky_relu prelu rrelu threshold abs max_pool1d max_pool2d max_pool3d max_pool1d_with_indices
+max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
+adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices amax amin
+max min maximum minimum
+""".split())
+
+GRADIENT = ROUTE | LINEAR | PIECEWISE_LINEAR
+
+IDENTITY = frozenset("""
+gelu silu sigmoid tanh elu selu celu softplus mish hardswish hardsigmoid relu6 hardtanh clamp clip
+softsign tanhshrink logsigmoid log_softmax
+""".split())
+
+# activations whose output, multiplied with another activation, is a gate: relevance goes to the other factor
+GATES = frozenset("sigmoid hardsigmoid".split())
+ELEMENTWISE_PRODUCT = frozenset("mul __mul__ __rmul__ multiply".split())
+
+MAXPOOL = frozenset("""
+max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices
+adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices
+adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices
+""".split())
+
+LAYERS = frozenset("linear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split())
+
+BATCHNORM = "batch_norm"
+
+# in-place methods that must keep running in place (they are not computations on the data)
+KEEP_INPLACE = frozenset("requires_grad_ retain_grad share_memory_ record_stream set_ resize_ "
+                         "resize_as_ detach_ uniform_ normal_ zero_ fill_".split())
+
+INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__",
+                  "__itruediv__": "__truediv__", "__idiv__": "__truediv__"}
+
+
+def op_name(func) -> str:
+    """Canonical name of an intercepted torch function (``F._max_pool2d`` -> ``max_pool2d``)."""
+    name = getattr(func, "__name__", None) or str(func)
+    if name.startswith("_") and not name.startswith("__"):
+        name = name.lstrip("_")
+    if name.startswith("boolean_dispatch"):  # pragma: no cover - defensive
+        name = getattr(func, "__qualname__", name)
+    return name
