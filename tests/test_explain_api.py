@@ -304,3 +304,9 @@ def test_concurrent_calls_on_one_model_are_serialised():
     for r in results:
         torch.testing.assert_close(r, expected)
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+def test_torchscript_is_refused_with_a_way_out():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)))
+    with pytest.raises(lrp.LRPError, match="TorchScript.*Python model"):
+        lrp.explain(scripted, torch.randn(1, 3))

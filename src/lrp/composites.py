@@ -15,7 +15,11 @@ at, in this order of precedence (the first that matches wins):
 
 Everything else the model runs is handled by the engine: activations pass relevance through, pooling,
 additions and concatenations split it by contribution. ``maxpool="average"`` redistributes relevance at
-max-pooling as if it were average pooling (``"max"``, the default, is winner-take-all).
+max-pooling as if it were average pooling (``"max"``, the default, is winner-take-all). ``attention``
+chooses how relevance crosses attention: ``"attnlrp"`` (default; AttnLRP, Achtibat et al. 2024: the uniform
+rule at ``q k^T`` and ``A v``, the softmax's Taylor rule, which lets its implicit bias absorb some relevance)
+or ``"cp"`` (CP-LRP, Ali et al. 2022: the attention weights are held fixed, relevance flows only through the
+values, so bias-free transformers conserve relevance exactly).
 """
 
 from __future__ import annotations
@@ -57,12 +61,16 @@ class Composite:
     by_name: dict = field(default_factory=dict)
     default: LayerRule = field(default_factory=Epsilon)
     maxpool: str = "max"
+    attention: str = "attnlrp"
     module_rules: dict = field(default_factory=dict)
     name: str = "custom"
 
     def __post_init__(self) -> None:
         if self.maxpool not in ("max", "average"):
             raise ValueError(f"maxpool must be 'max' (winner-take-all) or 'average', got {self.maxpool!r}")
+        if self.attention not in ("attnlrp", "cp"):
+            raise ValueError(f"attention must be 'attnlrp' (AttnLRP, Achtibat et al. 2024) or 'cp' (CP-LRP, "
+                             f"Ali et al. 2022: attention weights held fixed), got {self.attention!r}")
         for table in (self.by_type, self.by_position, self.by_name):
             for key, rule in table.items():
                 if not isinstance(rule, LayerRule):
@@ -179,11 +187,12 @@ COMPOSITES: dict[str, Callable[..., Composite]] = {
 }
 
 
-def composite(name: str, *, maxpool: str = "max", **params: Any) -> Composite:
+def composite(name: str, *, maxpool: str = "max", attention: str = "attnlrp", **params: Any) -> Composite:
     """Build a named composite.
 
     ``params`` are the rule parameters (``epsilon``, ``gamma``, ``stabilizer``, ``low``, ``high``);
-    ``maxpool="average"`` treats max-pooling as average pooling for relevance.
+    ``maxpool="average"`` treats max-pooling as average pooling for relevance; ``attention="cp"`` holds
+    attention weights fixed (CP-LRP) instead of the AttnLRP rules.
     Names: ``lrp0``, ``epsilon``, ``epsilon-plus``, ``epsilon-plus-flat``, ``epsilon-gamma-box``,
     ``epsilon-alpha2-beta1`` (the Zennit composites of the same name, same defaults) and ``layered``
     (Montavon et al. 2019: gamma low, epsilon middle, LRP-0 top, z^B or w^2 at the input).
@@ -198,6 +207,7 @@ def composite(name: str, *, maxpool: str = "max", **params: Any) -> Composite:
         raise TypeError(f"unknown composite parameter(s) {sorted(unknown)}; known: {sorted(known)}")
     comp = COMPOSITES[key](**params)
     comp.maxpool = maxpool
+    comp.attention = attention
     comp.__post_init__()
     return comp
 

@@ -24,8 +24,9 @@ class Explanation:
     """The result of :func:`explain`.
 
     ``relevance`` has the input's shape. ``conservation`` maps each layer (and ``"input"``) to the relevance
-    summed there per sample, divided by the start relevance: 1.0 means conserved (for branching models a
-    layer's total covers only the branch through it).
+    summed at its output per sample, divided by the start relevance: 1.0 means conserved (for branching models
+    a layer's total covers only the branch through it; inside attention, where the batch need not be the
+    first dimension, the value is one 0-dim ratio for the whole batch).
     """
 
     relevance: Tensor
@@ -177,57 +178,79 @@ def explain(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    scripted = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise LRPError(f"module '{scripted[0]}' is TorchScript: its operations run inside the TorchScript "
+                       f"interpreter, where lrp cannot see them to apply rules. Explain the Python model instead "
+                       f"(load its state dict into the model class).")
     tokens = not x.is_floating_point()
     if tokens and (x.is_complex() or x.dtype == torch.bool):
         raise LRPError(f"x must be a floating-point tensor or integer token ids, got {x.dtype}")
     if x.ndim < 1 or x.shape[0] == 0:
         raise LRPError(f"x must be a batch with at least one sample along dimension 0, got shape {tuple(x.shape)}")
     comp = resolve(composite)
-    with _lock_for(model), _untouched(model, eval_mode), torch.enable_grad():
-        leaf = x.detach() if tokens else x.detach().requires_grad_(True)
-        trace = Trace(model, comp, leaf, record_layers)
-        try:
-            with trace.capture():
-                out = model(leaf)
-        except Exception as exc:
-            if tokens and not trace.token_leaves:
-                raise LRPError(f"x holds integers ({x.dtype}), which lrp reads as token ids, but the model failed "
-                               f"before any embedding layer read them ({type(exc).__name__}: {exc}); pass a "
-                               f"floating-point input instead") from exc
-            raise
-        out = _select_output(trace._fresh(out))
-        if out.shape[:1] != x.shape[:1]:
-            raise LRPError(f"the model output has shape {tuple(out.shape)}; explain needs the batch dimension "
-                           f"first, as in the input {tuple(x.shape)}")
-        idx = _targets(out, target)
-        relevance_out = _start(out, idx, start)
-        trace.finalize()
-        roots = trace.token_leaves if tokens else [leaf]
-        if tokens and not roots:
-            raise LRPError(f"x holds integers ({x.dtype}), which lrp reads as token ids, but no embedding layer "
-                           f"(nn.Embedding / F.embedding) reads them; pass a floating-point input instead")
-        if not out.requires_grad:
-            grads = [None] * len(roots)
-        else:
-            grad_out = _output_gradient(out.detach(), idx, relevance_out, start)
-            try:
-                grads = torch.autograd.grad(out, roots, grad_out, allow_unused=True)
-            except RuntimeError as exc:
-                if "inplace operation" in str(exc):
-                    raise LRPError(f"the model modifies a tensor in place that explain needs later ({exc}). Write "
-                                   f"that operation out of place.") from exc
-                raise
+    leaf = x.detach() if tokens else x.detach().requires_grad_(True)
+    trace = Trace(model, comp, leaf, record_layers)
+    try:
+        with _lock_for(model), _untouched(model, eval_mode), torch.enable_grad():
+            out = _forward(model, trace, leaf, tokens)
+            idx = _targets(out, target)
+            relevance_out = _start(out, idx, start)
+            trace.finalize()
+            roots = trace.token_leaves if tokens else [leaf]
+            grads = _backward(out, roots, idx, relevance_out, start)
+        relevance = _input_relevance(trace, roots, grads, tokens, x, out)
+        return _explanation(trace, relevance, out.detach(), idx, relevance_out, comp)
+    finally:
+        trace.release()
+
+
+def _forward(model: torch.nn.Module, trace: Trace, leaf: Tensor, tokens: bool) -> Tensor:
+    try:
+        with trace.capture():
+            out = model(leaf)
+    except Exception as exc:
+        if tokens and not trace.token_leaves:
+            raise LRPError(f"x holds integers ({leaf.dtype}), which lrp reads as token ids, but the model failed "
+                           f"before any embedding layer read them ({type(exc).__name__}: {exc}); pass a "
+                           f"floating-point input instead") from exc
+        raise
+    out = _select_output(trace._fresh(out))
+    if out.shape[:1] != leaf.shape[:1]:
+        raise LRPError(f"the model output has shape {tuple(out.shape)}; explain needs the batch dimension "
+                       f"first, as in the input {tuple(leaf.shape)}")
+    if tokens and not trace.token_leaves:
+        raise LRPError(f"x holds integers ({leaf.dtype}), which lrp reads as token ids, but no embedding layer "
+                       f"(nn.Embedding / F.embedding) reads them; pass a floating-point input instead")
+    return out
+
+
+def _backward(out: Tensor, roots: list, idx: Optional[Tensor], relevance_out: Tensor, start: StartSpec) -> list:
+    if not out.requires_grad:
+        return [None] * len(roots)
+    grad_out = _output_gradient(out.detach(), idx, relevance_out, start)
+    try:
+        return list(torch.autograd.grad(out, roots, grad_out, allow_unused=True))
+    except RuntimeError as exc:
+        if "inplace operation" in str(exc):
+            raise LRPError(f"the model modifies a tensor in place that explain needs later ({exc}). Write "
+                           f"that operation out of place.") from exc
+        raise
+
+
+def _input_relevance(trace: Trace, roots: list, grads: list, tokens: bool, x: Tensor, out: Tensor) -> Tensor:
+    """``root * g`` plus what input rules gave the root directly; for token ids summed over the embedding."""
     relevance = None
     for root, g in zip(roots, grads):
         r = torch.zeros_like(root) if g is None else root.detach() * g
         if id(root) in trace.direct:
             r = r + trace.direct[id(root)]
-        if tokens:  # relevance of a token: summed over its embedding vector
+        if tokens:
             r = r.sum(-1)
         relevance = r if relevance is None else relevance + r
     if relevance is None:
         relevance = torch.zeros(x.shape, dtype=out.dtype, device=x.device)
-    return _explanation(trace, relevance.detach(), out.detach(), idx, relevance_out, comp)
+    return relevance.detach()
 
 
 def _explanation(trace: Trace, relevance: Tensor, out: Tensor, idx: Optional[Tensor], start: Tensor,
@@ -239,7 +262,7 @@ def _explanation(trace: Trace, relevance: Tensor, out: Tensor, idx: Optional[Ten
     for layer in trace.layers:
         rules[layer.name] = repr(layer.rule)
         if layer.total is not None:
-            conservation[layer.name] = layer.total / total
+            conservation[layer.name] = layer.total / (total if layer.total.ndim else total.sum())
         if layer.relevance is not None:
             layers[layer.name] = layer.relevance
     conservation["input"] = relevance.reshape(relevance.shape[0], -1).sum(1) / total

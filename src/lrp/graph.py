@@ -27,7 +27,7 @@ from . import attention
 from .functions import (BatchNormFunction, IdentityRuleFunction, LayerFunction, LinearizedFunction,
                         MaxAsAveragePoolFunction, ModuleRuleFunction, ScaleGradientFunction, SoftmaxFunction)
 from .layers import LinearOp, make_linear_op
-from .rules import LayerContext, LayerRule
+from .rules import Epsilon, LayerContext, LayerRule
 
 Tensor = torch.Tensor
 _CONV_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
@@ -67,7 +67,7 @@ class BatchNormRecord:
     scale: Tensor
     shift: Tensor
     broadcast_shape: tuple
-    input_id: int
+    producer: Optional["LayerRecord"]  # the layer whose output this BatchNorm normalises, if any
     fused: bool = False
 
 
@@ -91,6 +91,8 @@ class LayerRecord:
     reads_input: bool
     replay: Optional[Callable[[Tensor], Tensor]] = None
     root: Optional[Tensor] = None  # the relevance root the layer input re-indexes (for input rules)
+    batch_first: bool = True  # False inside decomposed ops, whose tensors may put the batch elsewhere
+    nonnegative_input: bool = False
     uses: int = 0
     bn: Optional[BatchNormRecord] = None
     rule: Optional[LayerRule] = None
@@ -117,7 +119,7 @@ class LayerRecord:
         if self.bn is None:
             return z
         shape = self.op.scale_shape(z)
-        return z * self.bn.scale.reshape(shape) + self.bn.shift.reshape(shape)
+        return torch.addcmul(self.bn.shift.reshape(shape), z, self.bn.scale.reshape(shape))
 
 
 class _Mode(TorchFunctionMode):
@@ -150,8 +152,12 @@ def _decomposed(replacement: Callable) -> Callable:
     def run(trace: "Trace", func: Callable, args: tuple, kwargs: dict) -> Any:
         if not _needs_grad((args, kwargs)):
             return func(*args, **kwargs)
-        with _Mode(trace):
-            return replacement(*args, **kwargs)
+        trace.decomposing += 1
+        try:
+            with _Mode(trace):
+                return replacement(*args, **kwargs)
+        finally:
+            trace.decomposing -= 1
     return run
 
 
@@ -177,7 +183,9 @@ class Trace:
         self.calls: dict[str, int] = {}
         self.opaque = 0
         self.trusted = 0
+        self.decomposing = 0
         self.direct: dict[int, Tensor] = {}  # id(root) -> relevance given to it directly by input rules
+        self.nonnegative: dict[int, Tensor] = {}  # tensors known to be >= 0 by how they were made
         self.gates: dict[int, Tensor] = {}  # outputs of sigmoid-like activations (and their re-indexings)
         self.softmaxes: dict[int, tuple[Tensor, SoftmaxRecord]] = {}
         self.token_leaves: list[Tensor] = []  # embedding outputs when the model input is token ids
@@ -257,7 +265,7 @@ class Trace:
         if kwargs.get("inplace") or (name in _POSITIONAL_INPLACE and len(args) > 1):
             args, kwargs, source = self._without_inplace(func, args, kwargs)
         out = self._compute(name, func, args, kwargs)
-        if source is not None:
+        if source is not None and out is not source:
             self.stale[id(source)] = (source, out)
         return out
 
@@ -283,6 +291,12 @@ class Trace:
             if name in optable.ROUTE:
                 self._mark_routed(func, args, kwargs, out, grad_args)
                 self._follow(grad_args, out)
+            if name in optable.NONNEGATIVE_OUTPUT or (
+                    name in optable.KEEPS_SIGN and all(id(t) in self.nonnegative for t in grad_args)
+                    and not any(isinstance(v, (int, float)) and v < 0 for v in args[1:])):
+                for t in _tensors(out):
+                    if t.is_floating_point():
+                        self.nonnegative[id(t)] = t
             return out
         if name in optable.PRODUCT:
             return out
@@ -294,10 +308,16 @@ class Trace:
         """A product of activations: a gate (sigmoid-like factor) passes all relevance to the signal; otherwise
         the AttnLRP uniform rule gives each of the k factors 1/k of the product's relevance."""
         self._count_uses(grad_args)
-        for t in grad_args:
-            entry = self.softmaxes.get(id(t))
-            if entry is not None:
-                entry[1].attention = True
+        weights = [t for t in grad_args if id(t) in self.softmaxes]
+        for t in weights:
+            self.softmaxes[id(t)][1].attention = True
+        if weights and self.composite.attention == "cp":
+            # CP-LRP: attention weights are held fixed, relevance flows through the values only
+            held = {id(t) for t in weights}
+            free = [t for t in grad_args if id(t) not in held]
+            out = func(*_map(args, lambda t: t.detach() if id(t) in held else t),
+                       **_map(kwargs, lambda t: t.detach() if id(t) in held else t))
+            return out if len(free) <= 1 else ScaleGradientFunction.apply(out, 1.0 / len(free))
         if name in optable.ELEMENTWISE_PRODUCT and len(grad_args) == 2:
             gates = [t for t in grad_args if id(t) in self.gates]
             if len(gates) == 1:
@@ -390,7 +410,8 @@ class Trace:
                 f"{'a view of ' if target._base is not None else ''}a tensor that depends on the input; lrp "
                 f"cannot follow it. Write it out of place (e.g. 'y = x.{plain}(...)' instead of 'x.{name}(...)').")
         new = self.dispatch(out_of_place, args, kwargs)
-        self.stale[id(target)] = (target, new)
+        if new is not target:
+            self.stale[id(target)] = (target, new)
         return new
 
     # ------------------------------------------------------------------ special ops
@@ -420,6 +441,8 @@ class Trace:
         record = LayerRecord(self, len(self.layers), layer_name, module, op, weight, bias, id(a),
                              reads_input=routed is not None, replay=routed[1] if routed else None,
                              root=routed[2] if routed else None)
+        record.batch_first = not self.decomposing
+        record.nonnegative_input = id(a) in self.nonnegative
         self.layers.append(record)
         z = LayerFunction.apply(a, weight, bias, record)
         self.produced[id(z)] = record
@@ -449,7 +472,7 @@ class Trace:
         name = self.stack[-1][0] if self.stack else "batch_norm"
         module = self.stack[-1][1] if self.stack else None
         record = BatchNormRecord(name, module, scale.detach(), shift.detach(),
-                                 (-1,) + (1,) * (x.ndim - 2), id(x))
+                                 (-1,) + (1,) * (x.ndim - 2), self.produced.get(id(x)))
         self.batchnorms.append(record)
         return BatchNormFunction.apply(x, lambda t: func(t, *args[1:], **kwargs), record)
 
@@ -599,7 +622,7 @@ class Trace:
     def finalize(self) -> None:
         """Merge BatchNorms into the layers before them and choose every layer's rule."""
         for bn in self.batchnorms:
-            layer = self.produced.get(bn.input_id)
+            layer = bn.producer
             if (layer is not None and layer.uses == 1 and layer.bn is None and layer.kind in ("linear", "conv")
                     and (layer.kind == "conv" or len(bn.broadcast_shape) == 1)):
                 layer.bn, bn.fused = bn, True
@@ -622,6 +645,20 @@ class Trace:
                     f"preprocessing out of the model, or use a composite without an input rule (e.g. "
                     f"'epsilon-plus' instead of 'epsilon-plus-flat').")
 
+    def release(self) -> None:
+        """Drop every tensor and record this trace holds. Autograd nodes keep records alive and records keep the
+        trace, so without this the activations of each call would stay in memory."""
+        for layer in self.layers:
+            layer.trace = None
+            layer.replay = layer.root = None
+            layer._effective = None
+        for container in (self.layers, self.batchnorms, self._keep, self.token_leaves):
+            container.clear()
+        for mapping in (self.produced, self.routed, self.stale, self.gates, self.softmaxes, self._cache,
+                        self.direct, self.nonnegative):
+            mapping.clear()
+        self.stack.clear()
+
     # ------------------------------------------------------------------ backward
     def _cached(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         if key not in self._cache:
@@ -633,9 +670,16 @@ class Trace:
         z = layer.effective_output(z)
         rule = layer.rule
         base = (id(weight), id(bias), id(rule), tuple(a.shape[1:]))
-        ctx = LayerContext(layer.op, a, z, weight, bias, lambda key, make: self._cached(base + (key,), make))
-        relevance_out = z * g
-        layer.total = relevance_out.reshape(relevance_out.shape[0], -1).sum(1)
+        ctx = LayerContext(layer.op, a, z, weight, bias, lambda key, make: self._cached(base + (key,), make),
+                           layer.nonnegative_input)
+        needs_relevance = self.record_layers or not (isinstance(rule, Epsilon) and rule.epsilon == 0.0)
+        relevance_out = z * g if needs_relevance else None
+        n = self.x.shape[0]
+        if layer.batch_first and z.shape[0] == n:
+            layer.total = (relevance_out.reshape(n, -1).sum(1) if relevance_out is not None
+                           else torch.einsum("ni,ni->n", z.reshape(n, -1), g.reshape(n, -1)))
+        else:  # the batch is not the first dimension here (e.g. inside attention): one total for the batch
+            layer.total = relevance_out.sum() if relevance_out is not None else torch.vdot(z.flatten(), g.flatten())
         if self.record_layers:
             layer.relevance = relevance_out
         result = rule.backward(ctx, g, relevance_out)

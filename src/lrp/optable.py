@@ -39,6 +39,13 @@ max min maximum minimum
 
 GRADIENT = ROUTE | LINEAR | PIECEWISE_LINEAR
 
+# outputs that are >= 0 whatever the input; and ops whose output is >= 0 when their inputs are (rules for
+# layers skip looking for negative inputs then)
+NONNEGATIVE_OUTPUT = frozenset("relu abs".split())
+KEEPS_SIGN = (ROUTE | frozenset("""add __add__ __radd__ sum mean avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+adaptive_avg_pool2d adaptive_avg_pool3d max_pool1d max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d
+adaptive_max_pool3d amax max""".split())) - frozenset("masked_fill where pad index_fill masked_scatter".split())
+
 IDENTITY = frozenset("""
 gelu silu sigmoid tanh elu selu celu softplus mish hardswish hardsigmoid relu6 hardtanh clamp clip
 softsign tanhshrink logsigmoid log_softmax

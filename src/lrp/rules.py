@@ -47,6 +47,7 @@ class LayerContext:
     weight: Tensor
     bias: Optional[Tensor]
     cache: Callable[[str, Callable[[], Tensor]], Tensor]  # per-call cache of weight-derived tensors
+    nonnegative: bool = False  # the input is known to be >= 0 (e.g. a ReLU output): no need to look
 
     def fwd(self, a: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return self.op.forward(a, weight, bias)
@@ -73,7 +74,7 @@ class LayerContext:
         return 0.0 if self.bias is None else self.bias_out(self.bias.clamp(max=0))
 
     def has_negative_input(self) -> bool:
-        return bool((self.a < 0).any())
+        return not self.nonnegative and bool(self.a.amin() < 0)
 
 
 class LayerRule:

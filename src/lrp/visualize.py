@@ -106,3 +106,19 @@ def overlay(image: Union[Image.Image, ArrayLike], relevance: ArrayLike, cmap: st
     weight = alpha * np.abs(r)[..., None]
     blended = (1 - weight) * base + weight * colour
     return Image.fromarray(np.round(blended * 255).astype(np.uint8))
+
+
+def token_html(tokens: list[str], relevance: ArrayLike, cmap: str = "bwr", *, vmax: Optional[float] = None) -> str:
+    """Tokens as HTML spans coloured by their relevance (red for, blue against), with the value on hover."""
+    import html as _html
+
+    r = _to_numpy(relevance).reshape(-1)
+    if len(tokens) != len(r):
+        raise ValueError(f"{len(tokens)} tokens but {len(r)} relevance values; give one value per token")
+    colours = colorize(_scale(r, vmax, 100.0), cmap)
+    spans = [
+        f'<span title="{value:+.4g}" style="background-color: rgb({c[0]}, {c[1]}, {c[2]}); padding: 0 2px; '
+        f'border-radius: 3px">{_html.escape(token)}</span>'
+        for token, value, c in zip(tokens, r.tolist(), colours.tolist())
+    ]
+    return '<div style="line-height: 1.8; font-family: sans-serif">' + " ".join(spans) + "</div>"
