@@ -9,11 +9,11 @@ from . import models, rules
 from .composites import Composite, composite, register_module_rule
 from .errors import LRPError, RuleError, TargetError, UnsupportedOperationError
 from .explain import Explanation, explain
-from .visualize import heatmap, overlay, token_html
+from .visualize import channel_grid, heatmap, overlay, token_html
 
 __all__ = [
     "explain", "Explanation", "composite", "Composite", "register_module_rule", "rules", "models",
-    "heatmap", "overlay", "token_html",
+    "heatmap", "overlay", "token_html", "channel_grid",
     "LRPError", "RuleError", "TargetError", "UnsupportedOperationError",
 ]
 __version__ = "0.1.0"

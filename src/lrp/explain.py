@@ -58,7 +58,10 @@ def _untouched(model: torch.nn.Module, eval_mode: bool) -> Iterator[None]:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         if eval_mode:
-            model.eval()
+            try:
+                model.eval()
+            except NotImplementedError:  # a torch.export program: fixed to the mode it was exported in
+                pass
         for p, _ in flags:
             p.requires_grad_(False)
         yield

@@ -10,6 +10,8 @@ whose output depends on the input has no rule and stops ``explain`` with an erro
 
 from __future__ import annotations
 
+import torch
+
 ROUTE = frozenset("""
 view reshape view_as reshape_as flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis
 squeeze unsqueeze expand expand_as broadcast_to repeat repeat_interleave tile contiguous clone to type
@@ -76,6 +78,8 @@ INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__m
 def op_name(func) -> str:
     """Canonical name of an intercepted torch function (``F._max_pool2d`` -> ``max_pool2d``)."""
     name = getattr(func, "__name__", None) or str(func)
+    if isinstance(func, torch._ops.OpOverload):  # aten ops of exported programs: "conv2d.default" -> "conv2d"
+        name = name.split(".")[0]
     if name.startswith("_") and not name.startswith("__"):
         name = name.lstrip("_")
     if name.startswith("boolean_dispatch"):  # pragma: no cover - defensive

@@ -122,3 +122,23 @@ def token_html(tokens: list[str], relevance: ArrayLike, cmap: str = "bwr", *, vm
         for token, value, c in zip(tokens, r.tolist(), colours.tolist())
     ]
     return '<div style="line-height: 1.8; font-family: sans-serif">' + " ".join(spans) + "</div>"
+
+
+def channel_grid(relevance: ArrayLike, cmap: str = "bwr", *, columns: Optional[int] = None, scale: int = 4,
+                 vmax: Optional[float] = None, gap: int = 2) -> Image.Image:
+    """One heatmap per channel (e.g. per spectral band) of a ``(C, H, W)`` relevance, on one shared colour
+    scale so that bands can be compared; laid out in a grid, each map enlarged ``scale`` times."""
+    r = _to_numpy(relevance)
+    while r.ndim > 3 and r.shape[0] == 1:
+        r = r[0]
+    if r.ndim != 3:
+        raise ValueError(f"channel_grid needs relevance shaped (C, H, W); got {r.shape}")
+    c, h, w = r.shape
+    columns = columns or int(np.ceil(np.sqrt(c)))
+    rows = int(np.ceil(c / columns))
+    scaled = _scale(r, vmax, 100.0)  # shared scale across channels
+    grid = Image.new("RGB", (columns * (w * scale + gap) - gap, rows * (h * scale + gap) - gap), "white")
+    for k in range(c):
+        tile = Image.fromarray(colorize(scaled[k], cmap)).resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(tile, ((k % columns) * (w * scale + gap), (k // columns) * (h * scale + gap)))
+    return grid

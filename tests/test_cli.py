@@ -1,0 +1,131 @@
+"""The command line, run as a user would: a subprocess, files in, files out."""
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lrp
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "lrp.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    x, _ = lrp.models.mnist_digits("test", limit=3)
+    (folder / "nested").mkdir()
+    for i in range(3):
+        target = folder / ("nested" if i == 2 else ".") / f"digit{i}.png"
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8")).save(target)
+    return folder
+
+
+def test_builtin_model_accuracy_from_shipped_checkpoint():
+    assert lrp.models.accuracy(lrp.models.mnist()) >= 0.98
+
+
+def test_explain_folder_with_builtin_model(digits, tmp_path):
+    (digits / "broken.png").write_text("not an image")
+    result = run("explain", str(digits), "--model", "mnist", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # one broken file: reported, the rest explained
+    assert "broken.png: not a readable image" in result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["outputs"] for r in rows] == ["digit0", "digit1", "digit2"]
+    model = lrp.models.mnist()
+    for r in rows:
+        heat = Image.open(tmp_path / "out" / f"{r['outputs']}_heatmap.png")
+        over = Image.open(tmp_path / "out" / f"{r['outputs']}_overlay.png")
+        assert heat.size == over.size == (28, 28)
+        relevance = np.load(tmp_path / "out" / f"{r['outputs']}_relevance.npy")
+        path = next(digits.rglob(r["outputs"] + ".png"))
+        x = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255.0)[None, None]
+        expected = lrp.explain(model, x).relevance[0].numpy()
+        np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-7)
+        assert int(r["predicted"]) == int(r["explained"]) == int(model(x).argmax())
+        assert abs(float(r["relevance_sum"]) - expected.sum()) < 1e-3 * max(1.0, abs(expected.sum()))
+    (digits / "broken.png").unlink()
+
+
+def test_torchvision_model_with_finetuned_head_and_class_names(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "classes.txt").write_text("glioma\nmeningioma\nnone\npituitary\n")
+    Image.fromarray((np.random.default_rng(0).random((80, 90, 3)) * 255).astype("uint8")).save(tmp_path / "scan.png")
+    result = run("explain", "scan.png", "--model", "resnet18", "--weights", "weights.pt", "--size", "64", "--crop",
+                 "64", "--target", "meningioma", "--classes", "classes.txt", "--composite", "epsilon-gamma-box",
+                 "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = next(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert row["explained"] == "meningioma"
+    assert Image.open(tmp_path / "out" / "scan_heatmap.png").size == (64, 64)
+    relevance = np.load(tmp_path / "out" / "scan_relevance.npy")
+    assert relevance.shape == (3, 64, 64)
+    # the same input through the Python API
+    from lrp.loading import Preprocess
+    x, _ = Preprocess(size=64, crop=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)).image(
+        tmp_path / "scan.png")
+    low = (0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    high = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    expected = lrp.explain(model, x[None], target=1, composite=lrp.composite("epsilon-gamma-box", low=low,
+                                                                             high=high)).relevance[0]
+    np.testing.assert_allclose(relevance, expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_arrays_and_exported_programs(tmp_path):
+    """A hyperspectral cube as .npy through a torch.export program: per-band heatmaps and raw relevance."""
+    from architectures import Hyperspectral
+    torch.manual_seed(0)
+    model = Hyperspectral().eval()
+    cube = torch.randn(1, 6, 8, 8)
+    program = torch.export.export(model, (cube[None],))
+    torch.export.save(program, tmp_path / "model.pt2")
+    np.save(tmp_path / "cube.npy", cube.numpy())
+    result = run("explain", "cube.npy", "--model", "model.pt2", "--composite", "lrp0", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    relevance = np.load(tmp_path / "out" / "cube_relevance.npy")
+    expected = lrp.explain(model, cube[None], composite="lrp0").relevance[0]
+    np.testing.assert_allclose(relevance, expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
+    (["--model", "resnet18", "--weights", "missing.pt"], "missing.pt does not exist"),
+    (["--target", "cat"], "not a class index; to use class names pass --classes"),
+])
+def test_errors_are_one_clear_line(digits, tmp_path, args, message):
+    result = run("explain", str(digits / "digit0.png"), *args, "--out", "out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_channel_count_is_reported(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "w.pt")
+    Image.fromarray(np.zeros((32, 32), dtype="uint8")).save(tmp_path / "gray.png")
+    result = run("explain", "gray.png", "--model", "resnet18", "--weights", "w.pt", "--grayscale", "--out", "out",
+                 cwd=tmp_path)
+    assert result.returncode == 1 and "gray.png: has 1 channels, but --mean gives 3 values" in result.stderr
+
+
+def test_torchscript_file_is_refused_with_a_way_out(tmp_path):
+    torch.jit.save(torch.jit.script(lrp.models.mnist()), tmp_path / "scripted.pt")
+    Image.fromarray(np.zeros((28, 28), dtype="uint8")).save(tmp_path / "d.png")
+    result = run("explain", "d.png", "--model", "scripted.pt", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "TorchScript" in result.stderr and "torch.export" in result.stderr
+
+
+def test_demo_writes_report(tmp_path):
+    result = run("demo", "--out", "demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "index.html").read_text().count("<img") > 20
+    assert Image.open(tmp_path / "demo" / "overview.png").size[0] > 500
