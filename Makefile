@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is large: install it once into the venv; this pair is the one the project is tested with
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench coverage clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,8 @@ $(VENV)/.torch: | $(PY)
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -e '.[test]'
+	# LXT (reference for the transformer tests) declares heavy extras it does not need for them
+	$(PY) -m pip install -q --no-deps lxt==2.1 || echo "LXT not installed: its comparison test will be skipped"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,6 +31,9 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/speed.py
+
+coverage: setup
+	$(PY) scripts/coverage.py --out docs/coverage.md
 
 clean:
 	rm -rf lrp-demo .pytest_cache build src/*.egg-info

@@ -305,3 +305,27 @@ def test_agrees_with_lxt_on_vision_transformer(tmp_path):
     rel = (ours.relevance - theirs["relevance"]).norm() / theirs["relevance"].norm()
     # LXT stabilises the identity rule as y / (x + 1e-10) where lrp divides exactly: agreement to ~1e-7
     assert rel < 1e-6, rel
+
+
+@pytest.mark.parametrize("norm", [lambda d: nn.RMSNorm(d), lambda d: nn.GroupNorm(2, d, affine=True),
+                                  lambda d: nn.LayerNorm(d, bias=False)])
+def test_normalisations_conserve_when_bias_free(norm):
+    """Normalisations with their statistics held fixed are linear maps without bias: relevance is conserved."""
+    torch.manual_seed(0)
+    d = 8
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = nn.Linear(6, d, bias=False), norm(d), nn.Linear(d, 3, bias=False)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            if isinstance(self.norm, nn.GroupNorm):
+                return self.fc2(F.relu(self.norm(h[:, :, None]))[:, :, 0])
+            return self.fc2(F.relu(self.norm(h)))
+
+    model = Net().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    res = lrp.explain(model, x, composite="lrp0")
+    torch.testing.assert_close(res.relevance.sum(1), res.start.sum(1), rtol=1e-8, atol=0)

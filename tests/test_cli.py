@@ -129,3 +129,22 @@ def test_demo_writes_report(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "demo" / "index.html").read_text().count("<img") > 20
     assert Image.open(tmp_path / "demo" / "overview.png").size[0] > 500
+
+
+def test_factory_spec_with_weights(tmp_path):
+    """'module.path:factory' builds the user's own model class; --weights loads its state dict."""
+    (tmp_path / "mynets.py").write_text(
+        "import torch.nn as nn\n"
+        "def tabular():\n"
+        "    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))\n")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    torch.save(model.state_dict(), tmp_path / "tab.pt")
+    row = np.random.default_rng(1).random(5).astype("float32")
+    np.save(tmp_path / "row.npy", row)
+    result = run("explain", "row.npy", "--model", "mynets:tabular", "--weights", "tab.pt", "--composite",
+                 "epsilon", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    relevance = np.load(tmp_path / "out" / "row_relevance.npy")
+    expected = lrp.explain(model, torch.from_numpy(row)[None], composite="epsilon").relevance[0].numpy()
+    np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-7)

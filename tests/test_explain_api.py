@@ -310,3 +310,29 @@ def test_torchscript_is_refused_with_a_way_out():
     scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)))
     with pytest.raises(lrp.LRPError, match="TorchScript.*Python model"):
         lrp.explain(scripted, torch.randn(1, 3))
+
+
+def test_activations_are_released_after_explain():
+    """Autograd nodes hold the trace's records; explain must break that cycle or each call leaks its activations."""
+    import gc
+    import weakref
+
+    model = Sequential2d()
+    seen = []
+    handle = model[3].register_forward_hook(lambda m, i, o: seen.append(weakref.ref(o)))
+    try:
+        lrp.explain(model, torch.randn(2, 3, 16, 16))
+    finally:
+        handle.remove()
+    gc.collect()
+    assert seen and all(ref() is None for ref in seen)
+
+
+def test_exported_program_explains_like_the_module():
+    from test_invariants import ReLUWithBatchNorm, _randomize_batchnorm
+    model = _randomize_batchnorm(ReLUWithBatchNorm()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,)).module()
+    for composite in ("lrp0", "epsilon-plus-flat"):
+        torch.testing.assert_close(lrp.explain(program, x, composite=composite).relevance,
+                                   lrp.explain(model, x, composite=composite).relevance)

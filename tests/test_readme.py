@@ -21,3 +21,33 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
         exec(compile(block, f"README.md block {index}", "exec"), namespace)
     if "heatmap.png" in BLOCKS[index]:
         assert (tmp_path / "heatmap.png").stat().st_size > 0
+
+
+CLI = [line.split("#")[0].strip() for block in re.findall(r"## On the command line\n.*?```\n(.*?)```", README.read_text(), re.S)
+       for line in block.splitlines() if line.startswith("lrp ")]
+
+
+def test_readme_command_lines_run(tmp_path):
+    """The command-line examples, with the files they name made up (a fine-tuned 4-class ResNet18, one scan)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    import torchvision
+    from PIL import Image
+
+    assert len(CLI) >= 3
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=4).state_dict(), tmp_path / "finetuned.pt")
+    (tmp_path / "classes.txt").write_text("glioma\nmeningioma\nnone\npituitary\n")
+    (tmp_path / "scans").mkdir()
+    Image.fromarray((np.random.default_rng(0).random((240, 240, 3)) * 255).astype("uint8")).save(
+        tmp_path / "scans" / "scan1.png")
+    for line in CLI:
+        args = line.split()[1:]
+        result = subprocess.run([sys.executable, "-m", "lrp.cli", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, (line, result.stderr)
+    assert (tmp_path / "lrp-out" / "digit_0_heatmap.png").exists()  # from the second line
+    assert "meningioma" in (tmp_path / "lrp-out" / "summary.csv").read_text() or "glioma" in (
+        tmp_path / "lrp-out" / "summary.csv").read_text()  # the last line names classes

@@ -122,15 +122,23 @@ class ZPlus(LayerRule):
         self.stabilizer = float(stabilizer)
 
     def backward(self, ctx: LayerContext, g: Tensor, R: Tensor) -> Tensor:
-        a, P = ctx.a, ctx.pos()
+        a, P, eps = ctx.a, ctx.pos(), self.stabilizer
+        if not ctx.has_negative_input():  # z+ >= 0, so s(z+) = z+ + eps: the convolution adds eps as its bias
+            shifted_bias = ctx.cache(("b+ +eps", eps), lambda: _plus(ctx.bias, eps, ctx))
+            den = ctx.fwd(a, P, shifted_bias)
+            return ctx.vjp(torch.div(R, den, out=den), P)
         b_pos = ctx.cache("b+", lambda: None if ctx.bias is None else ctx.bias.clamp(min=0))
-        if not ctx.has_negative_input():  # z+ >= 0, so s(z+) = z+ + eps
-            u = _divide(R, ctx.fwd(a, P, b_pos).add_(self.stabilizer))
-            return ctx.vjp(u, P)
-        N = ctx.neg()
-        zp = ctx.fwd(a.clamp(min=0), P, b_pos).add_(ctx.fwd(a.clamp(max=0), N))
-        u = _divide(R, zp.add_(self.stabilizer))
-        return torch.where(a >= 0, ctx.vjp(u, P), ctx.vjp(u, N))
+        zp = ctx.fwd(a.clamp(min=0), P, b_pos).add_(ctx.fwd(a.clamp(max=0), ctx.neg()))
+        u = _divide(R, zp.add_(eps))
+        return torch.where(a >= 0, ctx.vjp(u, P), ctx.vjp(u, ctx.neg()))
+
+
+def _plus(bias: Optional[Tensor], eps: float, ctx: LayerContext) -> Tensor:
+    """``max(bias, 0) + eps`` per output unit (a bias of ``eps`` when the layer has none)."""
+    if bias is None:
+        units = ctx.z.shape[-1] if ctx.op.kind == "linear" else ctx.z.shape[1]
+        return torch.full((units,), eps, dtype=ctx.z.dtype, device=ctx.z.device)
+    return bias.clamp(min=0) + eps
 
 
 class AlphaBeta(LayerRule):
