@@ -92,13 +92,6 @@ class Composite:
                 return rule
         return self.default
 
-    def with_options(self, **options: Any) -> "Composite":
-        """A copy with some fields replaced (e.g. ``maxpool="average"``)."""
-        fields = dict(vars(self))
-        fields.update(options)
-        return Composite(**fields)
-
-
 def _index(value: Union[int, float, None], count: int, default: int) -> int:
     if value is None:
         return default

@@ -31,7 +31,6 @@ class LoadedModel:
     model: torch.nn.Module
     kind: str  # "mnist", "torchvision", "factory", "exported"
     channels: Optional[int]  # input channels the model expects, when known
-    image_size: Optional[int]  # default input size for images, when known
 
 
 def _read_state_dict(path: str) -> dict:
@@ -120,7 +119,7 @@ def load_model(spec: str, weights: Optional[str] = None) -> LoadedModel:
         model = models.mnist()
         if weights:
             _load_weights(model, _read_state_dict(weights), weights)
-        return LoadedModel(model, "mnist", 1, 28)
+        return LoadedModel(model, "mnist", 1)
     path = Path(spec)
     if path.suffix in (".pt2", ".pt", ".pth", ".zip") or path.exists():
         if not path.exists():
@@ -134,12 +133,12 @@ def load_model(spec: str, weights: Optional[str] = None) -> LoadedModel:
                         "the model with torch.export.save(torch.export.export(model, (x,)), 'model.pt2') "
                         "or pass 'module.path:factory' with --weights")
             raise ModelError(f"cannot load {spec} as an exported program ({type(exc).__name__}).{hint}") from None
-        return LoadedModel(program.module(), "exported", None, None)
+        return LoadedModel(program.module(), "exported", None)
     if ":" in spec:
         model = _factory_model(spec, weights)
-        return LoadedModel(model.eval(), "factory", _first_input_channels(model), None)
+        return LoadedModel(model.eval(), "factory", _first_input_channels(model))
     model = _torchvision_model(spec, weights)
-    return LoadedModel(model.eval(), "torchvision", 3, 224)
+    return LoadedModel(model.eval(), "torchvision", 3)
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -314,8 +314,3 @@ class Gradient(ModuleRule):
     def relevance(self, inputs: Tensor, output: Tensor, relevance: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError("Gradient is applied by running the module's ops as they are")
 
-
-RULES: dict[str, type] = {
-    "lrp0": LRP0, "epsilon": Epsilon, "zplus": ZPlus, "alphabeta": AlphaBeta, "gamma": Gamma,
-    "flat": Flat, "wsquare": WSquare, "zbox": ZBox,
-}
