@@ -6,14 +6,19 @@ import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+if TYPE_CHECKING:
+    from .composites import Composite
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InputError(ValueError):
@@ -183,6 +188,14 @@ class Preprocess:
             raise InputError(f"{path}: no such file") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"{path}: not a readable image ({exc})") from None
+        try:
+            return self.from_image(img)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+
+    def from_image(self, img: Image.Image) -> tuple[torch.Tensor, Image.Image]:
+        """Like :meth:`image`, for a picture already opened."""
+        img = img.convert("L" if self.grayscale else "RGB")
         if self.size:
             w, h = img.size
             scale = self.size / min(w, h)
@@ -190,7 +203,7 @@ class Preprocess:
         if self.crop:
             w, h = img.size
             if self.crop > min(w, h):
-                raise InputError(f"{path}: cannot crop {self.crop} pixels from an image of {w}x{h}")
+                raise InputError(f"cannot crop {self.crop} pixels from an image of {w}x{h}")
             left, top = (w - self.crop) // 2, (h - self.crop) // 2
             img = img.crop((left, top, left + self.crop, top + self.crop))
         array = np.asarray(img, dtype=np.float32) / 255.0
@@ -198,10 +211,7 @@ class Preprocess:
             array = 1.0 - array
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        try:
-            return self.normalize(x), img
-        except InputError as exc:
-            raise InputError(f"{path}: {exc}") from None
+        return self.normalize(x), img
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         for name, values in (("mean", self.mean), ("std", self.std)):
@@ -213,6 +223,49 @@ class Preprocess:
         if self.std is not None:
             x = x / torch.tensor(self.std, dtype=x.dtype).reshape(-1, 1, 1)
         return x
+
+
+def preprocess_for(kind: str, *, size: Optional[int] = None, crop: Optional[int] = None,
+                   mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                   grayscale: bool = False, invert: bool = False) -> Preprocess:
+    """The preprocessing for a model of ``kind`` (see :class:`LoadedModel`): its defaults (MNIST: 28 pixels,
+    grayscale; torchvision: resize 256, crop 224, ImageNet mean and std), overridden by the values given."""
+    defaults = {"mnist": dict(size=28, grayscale=True),
+                "torchvision": dict(size=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)}.get(kind, {})
+    pre = Preprocess(**defaults)
+    for key, value in (("size", size), ("crop", crop), ("mean", mean), ("std", std)):
+        if value is not None:
+            setattr(pre, key, value)
+    pre.grayscale = pre.grayscale or grayscale
+    pre.invert = invert
+    return pre
+
+
+def composite_for(name: str, pre: Preprocess, *, maxpool: str = "max", low: Optional[float] = None,
+                  high: Optional[float] = None) -> "Composite":
+    """The named composite; z^B bounds (``epsilon-gamma-box``, ``layered``) not given are the range of pixels in
+    [0, 1] after ``pre``'s normalisation (per channel when it has several). Unknown names raise ``ValueError``."""
+    from .composites import composite
+
+    params = {}
+    if name.lower().replace("_", "-") in ("epsilon-gamma-box", "layered"):
+        if low is None or high is None:
+            mean = torch.tensor(pre.mean or (0.0,))
+            std = torch.tensor(pre.std or (1.0,))
+            lo, hi = (0 - mean) / std, (1 - mean) / std
+            low, high = (lo.item(), hi.item()) if lo.numel() == 1 else (lo, hi)
+        params = {"low": low, "high": high}
+    return composite(name, maxpool=maxpool, **params)
+
+
+def read_classes(path: str) -> list[str]:
+    """Class names, one a line (blank lines skipped); ``ModelError`` when the file cannot be read."""
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise ModelError(f"cannot read class names from {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"cannot read class names from {path}: not UTF-8 text") from None
 
 
 def read_array(path: Path) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Running the app: ``lrp serve`` loads the models, warms them up and starts uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .service import ServedModel
+
+PREPROCESSING = ("size", "crop", "mean", "std", "grayscale", "invert")
+# models with fewer parameters run on one torch thread by default: they are no faster on more, and threads that
+# wait for each other make them many times slower when other processes keep the cores busy (seen: 1.5 ms on one
+# thread, 144 ms on two, for the MNIST model while another job used both cores)
+SMALL_MODEL = 5_000_000
+
+
+def load_models(groups: Sequence[dict[str, Any]]) -> list[ServedModel]:
+    """One :class:`ServedModel` per group of ``lrp serve`` options (``model``, ``weights``, ``classes`` and the
+    preprocessing options); raises ``ModelError``."""
+    return [ServedModel.load(g.get("model", "mnist"), g.get("weights"), g.get("classes"),
+                             **{k: g[k] for k in PREPROCESSING if k in g})
+            for g in (groups or [{}])]
+
+
+def serve(groups: Sequence[dict[str, Any]], host: str = "127.0.0.1", port: int = 8000,
+          threads: Optional[int] = None, log_level: str = "info") -> None:
+    """Load and warm up the models, then serve until interrupted."""
+    import uvicorn
+
+    from .app import create_app
+
+    models = load_models(groups)
+    if threads is None and all(sum(p.numel() for p in m.model.parameters()) < SMALL_MODEL for m in models):
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+    app = create_app(models)
+    names = ", ".join(app.state.models)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"lrp serve: http://{shown}:{port}/ (models: {names}; API docs at /docs; torch threads: "
+          f"{torch.get_num_threads()})", file=sys.stderr, flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lrp serve: listening on {host}: reachable from other machines", file=sys.stderr, flush=True)
+    logging.getLogger("lrp.web").setLevel(log_level.upper())
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
