@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is large: install it once into the venv; this pair is the one the project is tested with
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo bench coverage clean
+.PHONY: setup browser test demo bench coverage clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,18 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 setup: $(VENV)/.installed
 
-test: setup
+# the browser tests (tests/test_serve_browser.py) drive Debian's Chromium; install it when missing (root only)
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Chromium (Debian) for the browser tests"; \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null \
+			|| echo "Chromium could not be installed: the browser tests will be skipped"; \
+	else \
+		echo "no /usr/bin/chromium (installing it needs root and apt-get): the browser tests will be skipped"; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest
 
 demo: setup
@@ -31,6 +42,8 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/evaluate_speed.py
+	$(PY) benchmarks/serve_latency.py
 
 coverage: setup
 	$(PY) scripts/coverage.py --out docs/coverage.md

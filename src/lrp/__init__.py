@@ -5,7 +5,7 @@
 >>> res.relevance.shape == x.shape               # doctest: +SKIP
 """
 
-from . import models, rules
+from . import baselines, evaluate, models, rules
 from .composites import Composite, composite, register_module_rule
 from .errors import LRPError, RuleError, TargetError, UnsupportedOperationError
 from .explain import Explanation, explain
@@ -13,6 +13,7 @@ from .visualize import channel_grid, heatmap, overlay, token_html
 
 __all__ = [
     "explain", "Explanation", "composite", "Composite", "register_module_rule", "rules", "models",
+    "evaluate", "baselines",
     "heatmap", "overlay", "token_html", "channel_grid",
     "LRPError", "RuleError", "TargetError", "UnsupportedOperationError",
 ]

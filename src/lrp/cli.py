@@ -1,15 +1,16 @@
-"""The ``lrp`` command line: ``lrp demo`` and ``lrp explain``."""
+"""The ``lrp`` command line: ``lrp demo``, ``lrp serve``, ``lrp explain`` and ``lrp evaluate``."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+EVALUATE_METHODS = ("epsilon-plus-flat", "epsilon-gamma-box", "layered", "epsilon-alpha2-beta1", "lrp0", "gradient",
+                    "gradient-x-input", "integrated-gradients", "smoothgrad", "occlusion", "random")
 
 
 class CommandError(Exception):
@@ -22,13 +23,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ServeOption(argparse.Action):
+    """``lrp serve``: each --model starts a model; --weights, --classes and the preprocessing options apply to
+    the --model they follow (given before any --model: to the first)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        groups = list(getattr(namespace, "served", None) or [])
+        if self.dest == "model" and (not groups or "model" in groups[-1]):
+            groups.append({})
+        elif not groups:
+            groups.append({})
+        if self.dest in groups[-1]:
+            parser.error(f"{option_string} given twice for one --model")
+        groups[-1][self.dest] = self.const if self.nargs == 0 else values
+        namespace.served = groups
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .web import missing_dependencies
+    missing = missing_dependencies()
+    if missing:
+        raise CommandError(f"lrp serve needs {', '.join(missing)}: pip install 'lrp[web]'")
+    from .loading import ModelError
+    from .web.server import serve
+    try:
+        serve(args.served or [{}], host=args.host, port=args.port, threads=args.threads)
+    except ModelError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 def _read_classes(path: Optional[str]) -> Optional[list[str]]:
+    from .loading import ModelError, read_classes
     if path is None:
         return None
     try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as exc:
-        raise CommandError(f"cannot read class names from {path}: {exc.strerror}") from None
+        return read_classes(path)
+    except ModelError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _target(spec: Optional[str], classes: Optional[list[str]]):
@@ -45,35 +77,27 @@ def _target(spec: Optional[str], classes: Optional[list[str]]):
 
 
 def _composite(args: argparse.Namespace, pre) -> object:
-    import torch
-
-    from .composites import composite
-    params = {}
-    if args.composite in ("epsilon-gamma-box", "layered"):
-        low, high = args.low, args.high
-        if low is None or high is None:  # derive the input's range from the preprocessing: pixels in [0, 1]
-            mean = torch.tensor(pre.mean or (0.0,))
-            std = torch.tensor(pre.std or (1.0,))
-            low, high = (0 - mean) / std, (1 - mean) / std
-            low, high = (low.item(), high.item()) if low.numel() == 1 else (low, high)
-        params = {"low": low, "high": high}
-    try:
-        return composite(args.composite, maxpool=args.maxpool, **params)
+    from .loading import composite_for
+    try:  # z^B bounds not given: the input's range from the preprocessing (pixels in [0, 1])
+        return composite_for(args.composite, pre, maxpool=args.maxpool, low=args.low, high=args.high)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
 
 def _preprocess(args: argparse.Namespace, loaded):
-    from .loading import Preprocess
-    defaults = {"mnist": dict(size=28, grayscale=True),
-                "torchvision": dict(size=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)}.get(loaded.kind, {})
-    pre = Preprocess(**defaults)
-    for key in ("size", "crop", "mean", "std"):
-        if getattr(args, key) is not None:
-            setattr(pre, key, getattr(args, key))
-    pre.grayscale = pre.grayscale or args.grayscale
-    pre.invert = args.invert
-    return pre
+    from .loading import preprocess_for
+    return preprocess_for(loaded.kind, size=args.size, crop=args.crop, mean=args.mean, std=args.std,
+                          grayscale=args.grayscale, invert=args.invert)
+
+
+def _load(args: argparse.Namespace):
+    """(the loaded model spec, the model on --device, its preprocessing) for --model and --weights."""
+    from .loading import ModelError, load_model
+    try:
+        loaded = load_model(args.model, args.weights)
+    except ModelError as exc:
+        raise CommandError(str(exc)) from None
+    return loaded, loaded.model.to(args.device), _preprocess(args, loaded)
 
 
 def _unique_stem(path: Path, used: set) -> str:
@@ -91,15 +115,10 @@ def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .explain import explain
-    from .loading import ARRAY_SUFFIXES, InputError, ModelError, batches, expand_inputs, load_model, read_array
+    from .loading import ARRAY_SUFFIXES, InputError, batches, expand_inputs, read_array
     from .visualize import channel_grid, heatmap, overlay
 
-    try:
-        loaded = load_model(args.model, args.weights)
-    except ModelError as exc:
-        raise CommandError(str(exc)) from None
-    model = loaded.model.to(args.device)
-    pre = _preprocess(args, loaded)
+    loaded, model, pre = _load(args)
     comp = _composite(args, pre)
     classes = _read_classes(args.classes)
     target = _target(args.target, classes)
@@ -175,6 +194,76 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _evaluation_inputs(args: argparse.Namespace, loaded, pre):
+    """The inputs to evaluate on: held-out digits for the built-in model, else the files given (one shape)."""
+    import torch
+
+    from .loading import ARRAY_SUFFIXES, InputError, expand_inputs, read_array
+
+    if not args.inputs:
+        if loaded.kind != "mnist":
+            raise CommandError("give the inputs to evaluate on (images, folders or .npy arrays); only --model mnist "
+                               "has built-in data")
+        from .models import mnist_digits
+        x, _ = mnist_digits("test", limit=args.limit)
+        return x, "held-out MNIST digits (never seen in training)"
+    tensors = []
+    for path in expand_inputs(args.inputs)[:args.limit]:
+        try:
+            x = read_array(path) if path.suffix.lower() in ARRAY_SUFFIXES else pre.image(path)[0]
+            if loaded.channels is not None and x.ndim >= 3 and x.shape[0] != loaded.channels:
+                raise InputError(f"{path}: has {x.shape[0]} channels, the model expects {loaded.channels}")
+            tensors.append(x)
+        except InputError as exc:
+            print(f"error: {exc} (skipped)", file=sys.stderr)
+    if not tensors:
+        raise CommandError("none of the inputs could be read")
+    shapes = sorted({tuple(t.shape) for t in tensors})
+    if len(shapes) > 1:
+        raise CommandError(f"the inputs have different shapes {shapes[:3]}; evaluation needs one shape (use --size "
+                           f"and --crop for images)")
+    return torch.stack(tensors), f"{len(tensors)} inputs from {', '.join(args.inputs)}"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import functools
+
+    from . import baselines
+    from .evaluate import report
+    from .evaluate.features import Regions
+
+    loaded, model, pre = _load(args)
+    x, source = _evaluation_inputs(args, loaded, pre)
+    x = x.to(args.device)
+    methods: dict = {}
+    for name in args.methods:
+        if name == "occlusion":  # the largest patch of 8, 4, 2, 1 that tiles the input
+            size = next(p for p in (8, 4, 2, 1) if all(s % p == 0 for s in Regions(x, 1).spatial))
+            methods[f"occlusion-{size}"] = functools.partial(baselines.occlusion, patch=size)
+        elif name in baselines.METHODS:
+            methods[name] = name
+        else:
+            try:
+                methods[name] = _composite(argparse.Namespace(**{**vars(args), "composite": name}), pre)
+            except CommandError:
+                from .composites import COMPOSITES
+                raise CommandError(f"unknown method {name!r}; give composites ({', '.join(COMPOSITES)}) or "
+                                   f"baselines ({', '.join(baselines.METHODS)})") from None
+    masks = x[:, 0] > 0.5 if loaded.kind == "mnist" and not args.inputs else None
+    try:
+        report.run(model, x, args.out, methods, replacements=args.replace, steps=args.steps, patch=args.patch,
+                   score=args.score, masks=masks,
+                   mask_note="the digit's strokes (pixels brighter than 0.5) as the mask: a rough stand-in for "
+                             "ground truth, since MNIST has none",
+                   randomisation_methods=[m for m in args.randomise if m in methods],
+                   randomisation_samples=args.randomisation_samples, batch_size=args.batch_size,
+                   title=f"Evaluating explanations of {args.model}", description=f"Data: {source}.",
+                   command="lrp " + shlex.join(args.argv))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrp", description="Layer-wise Relevance Propagation for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="explain held-out MNIST digits with the built-in model and write a report")
     demo.add_argument("--out", default="lrp-demo", help="output folder (default: lrp-demo)")
     demo.set_defaults(func=_demo)
+
+    sv = sub.add_parser("serve", help="a web page to draw digits or upload images and see why; a JSON API",
+                        description="Serve a web app: draw a digit or upload an image, see the prediction and "
+                                    "its explanation; POST /api/explain for programs (docs at /docs). "
+                                    "--weights, --classes and the preprocessing options apply to the --model "
+                                    "they follow.")
+    sv.add_argument("--model", action=_ServeOption, dest="model", metavar="SPEC",
+                    help="'mnist' (default), a torchvision model name, 'module.path:factory' or a .pt2 file; "
+                         "repeat to serve several")
+    sv.add_argument("--weights", action=_ServeOption, help="a state dict for the --model before it")
+    sv.add_argument("--classes", action=_ServeOption, help="text file with one class name per line")
+    sv.add_argument("--size", type=int, action=_ServeOption, help="resize images: shorter side in pixels")
+    sv.add_argument("--crop", type=int, action=_ServeOption, help="centre-crop images to this square size")
+    sv.add_argument("--mean", type=float, nargs="+", action=_ServeOption, help="per-channel mean to subtract")
+    sv.add_argument("--std", type=float, nargs="+", action=_ServeOption, help="per-channel std to divide by")
+    sv.add_argument("--grayscale", nargs=0, const=True, action=_ServeOption, help="read images as one channel")
+    sv.add_argument("--invert", nargs=0, const=True, action=_ServeOption, help="invert uploaded images")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--threads", type=int, help="torch threads (default: 1 for small models such as mnist, "
+                                                "under 5 M parameters; else torch's default, one per core)")
+    sv.set_defaults(func=_serve, served=None)
 
     ex = sub.add_parser("explain", help="explain images or arrays with a model; writes heatmaps and a CSV",
                         description="Explain each input; write <name>_heatmap.png, <name>_overlay.png, "
@@ -210,11 +321,45 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray, wred")
     ex.add_argument("--out", default="lrp-out", help="output folder (default: lrp-out)")
     ex.set_defaults(func=_explain)
+
+    ev = sub.add_parser("evaluate", help="score LRP composites and baseline methods (pixel flipping, randomisation "
+                                         "check, complexity); writes a report",
+                        description="Explain the inputs with each method, remove features in the order of their "
+                                    "relevance and track the score; randomise the model's layers and compare "
+                                    "heatmaps. Writes report.md, results.csv and plots into --out.")
+    ev.add_argument("inputs", nargs="*", help="images, folders or .npy arrays (default for --model mnist: "
+                                              "held-out digits)")
+    ev.add_argument("--model", default="mnist", help="as for lrp explain (default: mnist, the built-in model)")
+    ev.add_argument("--weights", help="a state dict for the model")
+    ev.add_argument("--methods", nargs="+", default=list(EVALUATE_METHODS),
+                    help="composites and baselines to compare (default: %(default)s)")
+    ev.add_argument("--randomise", nargs="*", default=["epsilon-plus-flat", "epsilon-gamma-box", "gradient"],
+                    help="methods to put through the randomisation check (default: %(default)s; none to skip)")
+    ev.add_argument("--randomisation-samples", type=int, default=16, help="inputs for the randomisation check")
+    ev.add_argument("--limit", type=int, default=300, help="evaluate on at most this many inputs (default 300)")
+    ev.add_argument("--steps", type=int, default=50, help="perturbation steps (default 50)")
+    ev.add_argument("--patch", type=int, default=1, help="region size in pixels (default 1: pixel flipping)")
+    ev.add_argument("--replace", nargs="+", default=["blur"], choices=["blur", "uniform", "zero", "mean"],
+                    help="what removed pixels become (default: blur); several give one table each")
+    ev.add_argument("--score", choices=["logit", "probability"], default="logit",
+                    help="score tracked while removing: the explained logit (default) or its softmax probability")
+    for flag, kwargs in (("--size", dict(type=int)), ("--crop", dict(type=int)),
+                         ("--mean", dict(type=float, nargs="+")), ("--std", dict(type=float, nargs="+")),
+                         ("--grayscale", dict(action="store_true")), ("--invert", dict(action="store_true")),
+                         ("--low", dict(type=float)), ("--high", dict(type=float))):
+        ev.add_argument(flag, help="as for lrp explain", **kwargs)
+    ev.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
+    ev.add_argument("--batch-size", type=int, default=256, help="perturbed inputs per forward pass")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--out", default="lrp-eval", help="output folder (default: lrp-eval)")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except CommandError as exc:

@@ -1,0 +1,126 @@
+"""One call that scores several explanation methods on one model and data set."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..explain import TargetSpec, _select_output, _targets, _untouched
+from .complexity import entropy, sparseness
+from .features import PatchSpec
+from .localisation import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
+from .methods import MethodSpec, method_name, resolve_method
+from .perturbation import PerturbationCurve, Replacement, Score, perturbation_curve
+
+Tensor = torch.Tensor
+DEFAULT_METHODS = ("epsilon-plus-flat", "epsilon-alpha2-beta1", "gradient", "gradient-x-input",
+                   "integrated-gradients", "smoothgrad", "random")
+
+
+def _pandas():
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("to_pandas() needs pandas: pip install pandas (rows() and to_csv() work without it)") \
+            from None
+    return pandas
+
+
+def write_csv(rows: list[dict], path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+@dataclass
+class Comparison:
+    """Per-method means in ``rows``; per-sample curves in ``curves[method][order]``; heatmaps in
+    ``relevance[method]``."""
+
+    rows: list[dict]
+    curves: dict[str, dict[str, PerturbationCurve]] = field(repr=False)
+    relevance: dict[str, Tensor] = field(repr=False)
+
+    def to_pandas(self):
+        return _pandas().DataFrame(self.rows).set_index("method")
+
+    def to_csv(self, path) -> None:
+        write_csv(self.rows, path)
+
+    def to_markdown(self) -> str:
+        keys = list(self.rows[0])
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_format(row[k]) for k in keys) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    __str__ = to_markdown
+
+    def plot(self, path=None, order: str = "morf", title: Optional[str] = None):
+        from .plots import plot_curves
+        curves = {name: by_order[order] for name, by_order in self.curves.items() if order in by_order}
+        return plot_curves(curves, path, title)
+
+
+def compare(
+    model: torch.nn.Module,
+    x: Tensor,
+    target: TargetSpec = None,
+    methods: Union[Sequence[MethodSpec], Mapping[str, MethodSpec]] = DEFAULT_METHODS,
+    *,
+    masks: Optional[Tensor] = None,
+    orders: Sequence[str] = ("morf", "lerf"),
+    steps: Optional[int] = None,
+    patch: PatchSpec = 1,
+    replace: Replacement = "zero",
+    score: Score = "logit",
+    batch_size: int = 256,
+) -> Comparison:
+    """Explain ``x`` with each method and score it: AOPC and AUC of the perturbation curves (``orders``),
+    ABPC (``AUC_lerf - AUC_morf``, when both), sparseness and entropy, and with ``masks`` the pointing game,
+    relevance mass and rank accuracy. Methods are names (composites or baselines), :class:`lrp.Composite`
+    objects or functions ``(model, x, target) -> relevance``; a mapping gives them display names.
+    All methods explain the same target (default: the model's prediction on ``x``)."""
+    named = dict(methods) if isinstance(methods, Mapping) else {method_name(m): m for m in methods}
+    if not named:
+        raise ValueError("compare needs at least one method")
+    with _untouched(model, True), torch.no_grad():
+        idx = _targets(_select_output(model(x)), target)
+    rows, curves, heatmaps = [], {}, {}
+    for name, spec in named.items():
+        relevance_of = resolve_method(spec)
+        began = time.perf_counter()
+        relevance = relevance_of(model, x, idx)
+        seconds = time.perf_counter() - began
+        row: dict = {"method": name}
+        curves[name] = {}
+        for order in orders:
+            curve = perturbation_curve(model, x, relevance, idx, order=order, steps=steps, patch=patch,
+                                       replace=replace, score=score, batch_size=batch_size)
+            curves[name][order] = curve
+            row[f"aopc_{order}"] = float(curve.aopc.mean())
+            row[f"auc_{order}"] = float(curve.auc.mean())
+        if "morf" in curves[name] and "lerf" in curves[name]:
+            row["abpc"] = float((curves[name]["lerf"].auc - curves[name]["morf"].auc).mean())
+        row["sparseness"] = float(np.nanmean(sparseness(relevance)))
+        row["entropy"] = float(np.nanmean(entropy(relevance)))
+        if masks is not None:
+            row["pointing_game"] = float(np.nanmean(pointing_game(relevance, masks)))
+            row["mass_accuracy"] = float(np.nanmean(relevance_mass_accuracy(relevance, masks)))
+            row["rank_accuracy"] = float(np.nanmean(relevance_rank_accuracy(relevance, masks)))
+        row["ms_per_sample"] = 1000 * seconds / x.shape[0]
+        rows.append(row)
+        heatmaps[name] = relevance.cpu()
+    return Comparison(rows, curves, heatmaps)
