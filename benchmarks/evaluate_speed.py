@@ -11,7 +11,6 @@ explained class. lrp removes 784 / 100 pixels per step in 100 steps; Quantus rem
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -20,6 +19,8 @@ import torch
 
 import lrp
 from lrp import evaluate
+
+from machine import cpu_name  # benchmarks/machine.py
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -69,7 +70,7 @@ def main() -> None:
             rows.append((f"Quantus 0.6 PixelFlipping, {q.shape[1]} steps of {per_step} pixels", t_q,
                          f"{args.digits * q.shape[1] / t_q:,.0f} perturbed inputs/s; AOPC {aopc:.4f}; "
                          f"{t_q / t_lrp:.1f}x lrp's time"))
-    print(f"\n{args.digits} MNIST digits; {platform.processor() or platform.machine()}, "
+    print(f"\n{args.digits} MNIST digits; {cpu_name()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats}\n")
     print("| what | seconds | notes |\n|---|---|---|")
     for name, seconds, note in rows:

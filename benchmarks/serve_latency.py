@@ -29,6 +29,8 @@ from PIL import Image, ImageDraw
 
 import lrp
 
+from machine import cpu_name  # benchmarks/machine.py
+
 WARMUP = 20
 
 
@@ -81,17 +83,6 @@ def measure(send: Callable[[], httpx.Response], n: int, clients: int = 1) -> tup
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(n)))
     return np.array([r[0] for r in results]), np.array([r[1] for r in results])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

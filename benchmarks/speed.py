@@ -35,6 +35,8 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 import lrp
 
+from machine import cpu_name  # benchmarks/machine.py
+
 THREADS = 2
 MODELS = {"vgg16": VGGCanonizer, "resnet50": ResNetCanonizer}
 # method key -> label in the table; "grad x input" is the reference for the ratios
@@ -202,17 +204,6 @@ def time_methods(model_name: str, model: torch.nn.Module, batch: int, reps: int,
     return {k: statistics.median(v) if v else None for k, v in times.items()}
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -234,7 +225,7 @@ def main() -> None:
     header = [
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"zennit {metadata.version('zennit')}, lrp {lrp.__version__}, Python {platform.python_version()}",
-        f"- threads: {torch.get_num_threads()}; CPU: {cpu_model()}",
+        f"- threads: {torch.get_num_threads()}; CPU: {cpu_name()}",
         f"- float32, 224x224, random weights; {reps} timed repetitions after 2 warm-ups, round-robin, median",
     ]
     print("\n".join(header), flush=True)

@@ -60,11 +60,19 @@ def test_evaluate_image_files(tmp_path):
     (["--methods", "gradcam"], "unknown method 'gradcam'"),
     (["--patch", "3"], "patch (3, 3) does not divide"),
     (["--model", "resnet18"], "give the inputs to evaluate on"),
+    (["--methods", "random", "occlusion", "--randomise", "occlusion", "typo"], "--randomise 'typo' is not among"),
 ])
 def test_evaluate_errors(tmp_path, args, message):
     result = run("--limit", "2", "--steps", "2", "--randomise", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fewer_regions_than_steps_is_a_note_not_an_error(tmp_path):
+    result = run("--limit", "3", "--patch", "4", "--methods", "random", "--randomise", "--out", "o", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "49 regions of patch 4: 49 steps instead of 50" in result.stderr
+    assert "49 perturbation steps" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_readme_evaluate_command(tmp_path):

@@ -62,6 +62,8 @@ def _gradient_method(name: str, combine: Callable[..., Tensor], **defaults):
         if unknown:
             raise TypeError(f"{name}() got unexpected options {sorted(unknown)}; it takes {sorted(defaults)}")
         opts = {**defaults, **options}
+        if opts.get("batch_size", 1) < 1:
+            raise ValueError(f"{name}() needs batch_size >= 1, got {opts['batch_size']}")
         with _lock_for(model), _untouched(model, True):
             with torch.no_grad():
                 out = _select_output(model(x)).detach()
@@ -121,6 +123,8 @@ def occlusion(model: torch.nn.Module, x: Tensor, target: TargetSpec = None, *, p
     from .evaluate.features import Regions
 
     _check(model, x)
+    if batch_size < 1:
+        raise ValueError(f"occlusion() needs batch_size >= 1, got {batch_size}")
     regions = Regions(x, patch)
     with _lock_for(model), _untouched(model, True), torch.no_grad():
         out = _select_output(model(x)).detach()

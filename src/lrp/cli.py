@@ -249,13 +249,23 @@ def _evaluate(args: argparse.Namespace) -> int:
                 from .composites import COMPOSITES
                 raise CommandError(f"unknown method {name!r}; give composites ({', '.join(COMPOSITES)}) or "
                                    f"baselines ({', '.join(baselines.METHODS)})") from None
+    keys = {"occlusion": next((k for k in methods if k.startswith("occlusion-")), "occlusion")}
+    randomise = [keys.get(name, name) for name in args.randomise]
+    unknown = [name for name in randomise if name not in methods]
+    if unknown:
+        raise CommandError(f"--randomise {unknown[0]!r} is not among --methods ({', '.join(args.methods)})")
     masks = x[:, 0] > 0.5 if loaded.kind == "mnist" and not args.inputs else None
     try:
-        report.run(model, x, args.out, methods, replacements=args.replace, steps=args.steps, patch=args.patch,
+        regions = Regions(x, args.patch).count
+        steps = min(args.steps, regions)  # never more steps than regions to remove
+        if steps < args.steps:
+            print(f"note: {regions} regions of patch {args.patch}: {steps} steps instead of {args.steps}",
+                  file=sys.stderr)
+        report.run(model, x, args.out, methods, replacements=args.replace, steps=steps, patch=args.patch,
                    score=args.score, masks=masks,
                    mask_note="the digit's strokes (pixels brighter than 0.5) as the mask: a rough stand-in for "
                              "ground truth, since MNIST has none",
-                   randomisation_methods=[m for m in args.randomise if m in methods],
+                   randomisation_methods=randomise,
                    randomisation_samples=args.randomisation_samples, batch_size=args.batch_size,
                    title=f"Evaluating explanations of {args.model}", description=f"Data: {source}.",
                    command="lrp " + shlex.join(args.argv))

@@ -91,9 +91,18 @@ def compare(
     """Explain ``x`` with each method and score it: AOPC and AUC of the perturbation curves (``orders``),
     ABPC (``AUC_lerf - AUC_morf``, when both), sparseness and entropy, and with ``masks`` the pointing game,
     relevance mass and rank accuracy. Methods are names (composites or baselines), :class:`lrp.Composite`
-    objects or functions ``(model, x, target) -> relevance``; a mapping gives them display names.
+    objects, functions ``(model, x, target) -> relevance`` or relevance tensors computed beforehand (no time
+    then); a mapping gives them display names. ``ms_per_sample`` is the time to explain, per input.
     All methods explain the same target (default: the model's prediction on ``x``)."""
-    named = dict(methods) if isinstance(methods, Mapping) else {method_name(m): m for m in methods}
+    if isinstance(methods, Mapping):
+        named = dict(methods)
+    else:
+        names = [method_name(m) for m in methods]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two methods are called {repeated[0]!r}; pass a mapping {{name: method}} to tell "
+                             f"them apart")
+        named = dict(zip(names, methods))
     if not named:
         raise ValueError("compare needs at least one method")
     with _untouched(model, True), torch.no_grad():
@@ -103,6 +112,8 @@ def compare(
         relevance_of = resolve_method(spec)
         began = time.perf_counter()
         relevance = relevance_of(model, x, idx)
+        if relevance.is_cuda:
+            torch.cuda.synchronize(relevance.device)
         seconds = time.perf_counter() - began
         row: dict = {"method": name}
         curves[name] = {}
@@ -120,7 +131,7 @@ def compare(
             row["pointing_game"] = float(np.nanmean(pointing_game(relevance, masks)))
             row["mass_accuracy"] = float(np.nanmean(relevance_mass_accuracy(relevance, masks)))
             row["rank_accuracy"] = float(np.nanmean(relevance_rank_accuracy(relevance, masks)))
-        row["ms_per_sample"] = 1000 * seconds / x.shape[0]
+        row["ms_per_sample"] = float("nan") if isinstance(spec, Tensor) else 1000 * seconds / x.shape[0]
         rows.append(row)
         heatmaps[name] = relevance.cpu()
     return Comparison(rows, curves, heatmaps)

@@ -46,6 +46,7 @@ class Regions:
     def __init__(self, x: Tensor, patch: PatchSpec = 1) -> None:
         if x.ndim < 2:
             raise ValueError(f"inputs must be a batch (N, features) or (N, C, ...); got shape {tuple(x.shape)}")
+        self.batch = x.shape[0]
         self.has_channels = x.ndim >= 3
         self.channels = x.shape[1] if self.has_channels else 1
         self.spatial = tuple(x.shape[2:] if self.has_channels else x.shape[1:])
@@ -65,8 +66,8 @@ class Regions:
 
     def scores(self, relevance: Tensor) -> Tensor:
         """Relevance summed per region: ``(N, count)``."""
-        r = feature_relevance(relevance, (relevance.shape[0], self.channels, *self.spatial) if self.has_channels
-                              else (relevance.shape[0], *self.spatial))
+        r = feature_relevance(relevance, (self.batch, self.channels, *self.spatial) if self.has_channels
+                              else (self.batch, *self.spatial))
         shape = [r.shape[0]]
         for g, p in zip(self.grid, self.patch):
             shape += [g, p]

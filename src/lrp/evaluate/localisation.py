@@ -1,10 +1,10 @@
 """Localisation against ground-truth masks (channels of the relevance summed first).
 
 - pointing game (Zhang et al. 2018): 1 if a feature of maximal relevance lies in the mask (or within
-  ``tolerance`` features of it), else 0
+  ``tolerance`` features of it), else 0; ``nan`` for a constant heatmap, which points nowhere
 - relevance mass accuracy (Arras et al. 2022): ``sum_{i in mask} R_i+ / sum_i R_i+`` (positive relevance)
 - relevance rank accuracy (Arras et al. 2022): of the ``K = |mask|`` most relevant features, the fraction in
-  the mask
+  the mask; ``nan`` for a constant heatmap
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _prepare(relevance, mask) -> tuple[Tensor, Tensor]:
     if empty:
         raise ValueError(f"the mask of sample {empty[0]} is empty ({len(empty)} empty masks in all); every "
                          f"sample needs at least one feature in its mask")
-    return r.double(), mask
+    return r.detach().cpu().double(), mask.cpu()
 
 
 def pointing_game(relevance: Tensor, mask: Tensor, tolerance: int = 0) -> np.ndarray:
@@ -52,7 +52,8 @@ def pointing_game(relevance: Tensor, mask: Tensor, tolerance: int = 0) -> np.nda
         mask = pool(mask[:, None].float(), 2 * tolerance + 1, stride=1, padding=tolerance)[:, 0].bool()
     flat = r.reshape(r.shape[0], -1)
     top = flat == flat.max(1, keepdim=True).values
-    return (top & mask.reshape(r.shape[0], -1)).any(1).double().cpu().numpy()
+    hit = (top & mask.reshape(r.shape[0], -1)).any(1).double()
+    return torch.where(top.all(1), torch.full_like(hit, float("nan")), hit).numpy()
 
 
 def relevance_mass_accuracy(relevance: Tensor, mask: Tensor) -> np.ndarray:
@@ -72,4 +73,6 @@ def relevance_rank_accuracy(relevance: Tensor, mask: Tensor) -> np.ndarray:
     order = torch.argsort(flat, dim=1, descending=True, stable=True)
     ranked = m.gather(1, order)
     in_top = ranked & (torch.arange(flat.shape[1], device=flat.device)[None] < k[:, None])
-    return (in_top.sum(1).double() / k).cpu().numpy()
+    accuracy = in_top.sum(1).double() / k
+    constant = (flat == flat[:, :1]).all(1)  # no ranking to speak of
+    return torch.where(constant, torch.full_like(accuracy, float("nan")), accuracy).numpy()

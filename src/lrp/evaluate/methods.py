@@ -1,5 +1,5 @@
-"""Turning a method spec (a composite name, a baseline name, an :class:`lrp.Composite` or a function) into
-a function ``(model, x, target) -> relevance``."""
+"""Turning a method spec (a composite name, a baseline name, an :class:`lrp.Composite`, a function, or
+relevance computed beforehand) into a function ``(model, x, target) -> relevance``."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from ..composites import COMPOSITES, Composite, composite
 from ..explain import Explanation, explain
 
 Tensor = torch.Tensor
-MethodSpec = Union[str, Composite, Callable[..., object]]
+MethodSpec = Union[str, Composite, Callable[..., object], Tensor]
 Method = Callable[[torch.nn.Module, Tensor, object], Tensor]
 
 
 def method_name(spec: MethodSpec) -> str:
     if isinstance(spec, str):
         return spec
+    if isinstance(spec, Tensor):
+        return "relevance"
     if isinstance(spec, Composite):
         return spec.name
     return getattr(spec, "__name__", type(spec).__name__)
@@ -38,6 +40,8 @@ def resolve_method(spec: MethodSpec) -> Method:
                              f"relevance")
     elif isinstance(spec, Composite):
         fn = lambda model, x, target: explain(model, x, target, spec)  # noqa: E731
+    elif isinstance(spec, Tensor):  # computed beforehand, for the same inputs
+        fn = lambda model, x, target: spec  # noqa: E731
     elif callable(spec):
         fn = spec
     else:

@@ -120,7 +120,12 @@ def _score_fn(score: Score) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
     if score == "logit":
         return target_scores
     if score == "probability":
-        return lambda out, idx: target_scores(torch.softmax(out, 1), idx)
+        def probability(out: Tensor, idx: Optional[Tensor]) -> Tensor:
+            if out.ndim != 2:
+                raise ValueError(f"score='probability' needs an output shaped (batch, classes); this model returns "
+                                 f"{tuple(out.shape)}: use score='logit' or a callable")
+            return target_scores(torch.softmax(out, 1), idx)
+        return probability
     raise ValueError(f"score must be 'logit', 'probability' or a callable (output, target) -> scores; got {score!r}")
 
 
@@ -193,7 +198,7 @@ def perturbation_curve(
     # rank of each region: 0 is removed first
     sort = torch.argsort(ranking, dim=1, descending=(order == "morf"), stable=True)
     rank = torch.empty_like(sort).scatter_(1, sort, torch.arange(regions.count, device=x.device).expand_as(sort))
-    counts = torch.round(torch.arange(steps + 1, device=x.device, dtype=torch.float64) * regions.count / steps).long()
+    counts = torch.tensor([round(k * regions.count / steps) for k in range(steps + 1)], device=x.device)
 
     n = x.shape[0]
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
@@ -208,5 +213,5 @@ def perturbation_curve(
             perturbed = torch.where(removed, values[s], x[s])
             result = score_of(_select_output(model(perturbed)), None if idx is None else idx[s])
             scores[s.cpu(), k.cpu()] = result.double().cpu()
-    fractions = (counts.double() / regions.count).cpu().numpy()
+    fractions = counts.cpu().numpy() / regions.count
     return PerturbationCurve(fractions, scores.numpy(), order, None if idx is None else idx.cpu().numpy())

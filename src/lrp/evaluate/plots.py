@@ -1,4 +1,5 @@
-"""PNG plots of evaluation results (matplotlib, no display needed)."""
+"""PNG plots of evaluation results (matplotlib figures built without pyplot: the caller's backend and open
+figures are left alone)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,14 @@ from typing import Optional
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kwargs):
+    from matplotlib.figure import Figure
+    return Figure(**kwargs)
 
 
 def _finish(fig, path):
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
-        _pyplot().close(fig)
     return fig
 
 
@@ -25,9 +23,11 @@ def plot_curves(curves: dict, path=None, title: Optional[str] = None):
     """Mean perturbation curve per method (``{name: PerturbationCurve}``), AOPC in the legend."""
     from ..baselines import METHODS
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colours = iter(plt.get_cmap("tab10").colors * 3)
+    from matplotlib import colormaps
+
+    fig = _figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    colours = iter(colormaps["tab10"].colors * 3)
     for name, curve in curves.items():
         baseline = name in METHODS or name.startswith("occlusion")  # LRP solid, baselines dashed
         style = dict(color="0.4", linestyle=":") if name == "random" else \
@@ -46,10 +46,9 @@ def plot_randomisation(result, path=None, cmap: str = "bwr"):
     """Similarity to the trained model's heatmap at each randomisation step, and the first sample's heatmaps."""
     from ..visualize import heatmap
 
-    plt = _pyplot()
     steps = len(result.layers)
     shown = list(np.unique(np.linspace(0, steps - 1, min(steps, 8)).round().astype(int)))
-    fig = plt.figure(figsize=(max(6.4, 1.1 * len(shown)), 6.0))
+    fig = _figure(figsize=(max(6.4, 1.1 * len(shown)), 6.0))
     grid = fig.add_gridspec(2, len(shown), height_ratios=[3, 1.3])
     ax = fig.add_subplot(grid[0, :])
     x = np.arange(steps)
@@ -68,7 +67,7 @@ def plot_randomisation(result, path=None, cmap: str = "bwr"):
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if result.relevance and result.relevance[0].ndim == 4:
+    if result.relevance and result.relevance[0].ndim == 4 and len(result.relevance[0]):
         for col, k in enumerate(shown):
             sub = fig.add_subplot(grid[1, col])
             sub.imshow(heatmap(result.relevance[k][0], cmap))

@@ -73,7 +73,8 @@ def parameter_layers(model: torch.nn.Module, x: Tensor) -> list[str]:
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():  # the caller's random state stays as it was
         torch.manual_seed(seed)
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
@@ -105,7 +106,7 @@ def randomisation_check(
         layers: names of the modules to randomise, in this order (default: every module with parameters,
             from the output back to the input). ``[]`` randomises nothing.
         metrics: any of ``"spearman"``, ``"ssim"`` (2-D inputs only), ``"relative_l2"`` (default: all three for
-            inputs ``(N, C, H, W)``, the other two otherwise).
+            inputs ``(N, C, H, W)`` of at least 7x7, the other two otherwise).
         absolute: compare ``|R|`` instead of signed relevance.
         normalise: divide each heatmap by its largest ``|R|`` first, so that SSIM and the L2 change measure a
             change of shape, not of scale (a randomised model's outputs, and so its relevance, are smaller).
@@ -114,7 +115,8 @@ def randomisation_check(
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
     if metrics is None:
-        metrics = ("spearman", "ssim", "relative_l2") if x.ndim == 4 else ("spearman", "relative_l2")
+        images = x.ndim == 4 and min(x.shape[2:]) >= 7
+        metrics = ("spearman", "ssim", "relative_l2") if images else ("spearman", "relative_l2")
     unknown = [m for m in metrics if m not in SIMILARITIES]
     if unknown:
         raise ValueError(f"unknown similarity {unknown[0]!r}; choose from {sorted(SIMILARITIES)}")

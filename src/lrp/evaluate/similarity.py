@@ -1,7 +1,7 @@
 """Similarity of two heatmaps per sample (relevance shaped like the input; channels summed first).
 
 - ``spearman``: Pearson correlation of the ranks (ties get their average rank); 1 = same ordering
-- ``ssim``: structural similarity (Wang et al. 2004) of 2-D heatmaps, 7x7 uniform windows, ``K1=0.01``,
+- ``ssim``: structural similarity (Wang et al. 2004) of 2-D heatmaps (at least 3x3), 7x7 uniform windows, ``K1=0.01``,
   ``K2=0.03``, data range ``max(a, b) - min(a, b)``, averaged over the windows that fit
 - ``relative_l2``: ``||b - a|| / ||a||``; 0 = identical
 """
@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 
 def _features(a) -> Tensor:
     a = torch.as_tensor(a).detach()
-    return feature_relevance(a, a.shape).double()
+    return feature_relevance(a, a.shape).cpu().double()
 
 
 def _pair(a, b) -> tuple[Tensor, Tensor]:
@@ -63,6 +63,8 @@ def ssim(a: Tensor, b: Tensor, window: int = 7) -> np.ndarray:
                          f"{a.ndim - 1} feature dimension(s)")
     win = min(window, a.shape[1], a.shape[2])
     win -= 1 - win % 2  # odd
+    if win < 3:
+        raise ValueError(f"ssim needs heatmaps of at least 3x3 features; these are {a.shape[1]}x{a.shape[2]}")
     flat = torch.stack([a, b]).reshape(2, a.shape[0], -1)
     data_range = flat.max(2).values.max(0).values - flat.min(2).values.min(0).values
     c1 = ((0.01 * data_range) ** 2).view(-1, 1, 1, 1)
