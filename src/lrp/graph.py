@@ -652,6 +652,9 @@ class Trace:
             layer.trace = None
             layer.replay = layer.root = None
             layer._effective = None
+            layer.bn = None  # layer <-> BatchNorm record is a reference cycle: break it, so refcounts free both
+        for bn in self.batchnorms:
+            bn.producer = None
         for container in (self.layers, self.batchnorms, self._keep, self.token_leaves):
             container.clear()
         for mapping in (self.produced, self.routed, self.stale, self.gates, self.softmaxes, self._cache,
