@@ -91,3 +91,31 @@ def test_readme_evaluate_command(tmp_path):
     for name in ("epsilon-plus-flat", "epsilon-gamma-box", "layered"):
         assert float(rows[name]["aopc_morf"]) > float(rows["gradient"]["aopc_morf"])
         assert float(rows[name]["aopc_morf"]) > float(rows["random"]["aopc_morf"])
+
+
+def test_evaluate_with_ground_truth_masks(tmp_path):
+    x, _ = lrp.models.mnist_digits("test", limit=6)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(6):
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype("uint8")).save(tmp_path / "in" / f"d{i}.png")
+        if i < 5:  # d5 has no mask: reported and skipped
+            strokes = (x[i, 0] > 0.5).numpy()
+            if i % 2:
+                Image.fromarray(strokes.astype("uint8") * 255).save(tmp_path / "masks" / f"d{i}.png")
+            else:
+                import numpy as np
+                np.save(tmp_path / "masks" / f"d{i}.npy", strokes)
+    result = run(str(tmp_path / "in"), "--masks", str(tmp_path / "masks"), "--steps", "4", "--methods", "lrp0",
+                 "random", "--randomise", "--out", "o", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "d5.png: no mask d5.<png|npy|...>" in result.stderr
+    assert result.stderr.count("error:") == 1  # the five others, with image and array masks, are evaluated
+    assert "5 inputs from" in (tmp_path / "o" / "report.md").read_text()
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "o" / "results.csv"))}
+    masks = x[:5, 0] > 0.5
+    relevance = lrp.explain(lrp.models.mnist(), x[:5], composite="lrp0").relevance
+    assert float(rows["lrp0"]["mass_accuracy"]) == pytest.approx(
+        evaluate.relevance_mass_accuracy(relevance, masks).mean(), abs=1e-3)
+    assert float(rows["lrp0"]["pointing_game"]) == 1.0
+    assert "the masks in" in (tmp_path / "o" / "report.md").read_text()

@@ -194,8 +194,35 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _read_mask(path: Path, folder: str, pre, spatial: tuple):
+    """The ground-truth mask for input ``path``: ``folder/<same name>.*``, an image (nonzero pixels, after the
+    same resizing and cropping as the input) or an array; shaped like the input without its channels."""
+    from .loading import ARRAY_SUFFIXES, IMAGE_SUFFIXES, InputError, Preprocess
+
+    found = sorted(p for p in Path(folder).glob(path.stem + ".*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES | ARRAY_SUFFIXES)
+    if not found:
+        raise InputError(f"{path}: no mask {path.stem}.<png|npy|...> in {folder}")
+    if found[0].suffix.lower() in ARRAY_SUFFIXES:
+        import numpy as np
+        import torch
+        try:
+            data = np.load(found[0], allow_pickle=False)
+            array = data[data.files[0]] if isinstance(data, np.lib.npyio.NpzFile) else data
+            mask = torch.from_numpy(np.asarray(array) != 0)
+        except (OSError, ValueError, IndexError) as exc:
+            raise InputError(f"{found[0]}: cannot read the mask ({exc})") from None
+        mask = mask[0] if mask.ndim == len(spatial) + 1 and mask.shape[0] == 1 else mask
+    else:
+        mask = Preprocess(size=pre.size, crop=pre.crop, grayscale=True).image(found[0])[0][0] > 0.5
+    if tuple(mask.shape) != tuple(spatial):
+        raise InputError(f"{found[0]}: the mask has shape {tuple(mask.shape)}, the input {tuple(spatial)}")
+    return mask
+
+
 def _evaluation_inputs(args: argparse.Namespace, loaded, pre):
-    """The inputs to evaluate on: held-out digits for the built-in model, else the files given (one shape)."""
+    """(inputs, masks or None, a description): held-out digits for the built-in model (strokes as masks), else
+    the files given (one shape), with their masks from --masks."""
     import torch
 
     from .loading import ARRAY_SUFFIXES, InputError, expand_inputs, read_array
@@ -204,15 +231,19 @@ def _evaluation_inputs(args: argparse.Namespace, loaded, pre):
         if loaded.kind != "mnist":
             raise CommandError("give the inputs to evaluate on (images, folders or .npy arrays); only --model mnist "
                                "has built-in data")
+        if args.masks:
+            raise CommandError("--masks goes with input files; the built-in digits use their strokes as masks")
         from .models import mnist_digits
         x, _ = mnist_digits("test", limit=args.limit)
-        return x, "held-out MNIST digits (never seen in training)"
-    tensors = []
+        return x, x[:, 0] > 0.5, "held-out MNIST digits (never seen in training)"
+    tensors, masks = [], []
     for path in expand_inputs(args.inputs)[:args.limit]:
         try:
             x = read_array(path) if path.suffix.lower() in ARRAY_SUFFIXES else pre.image(path)[0]
             if loaded.channels is not None and x.ndim >= 3 and x.shape[0] != loaded.channels:
                 raise InputError(f"{path}: has {x.shape[0]} channels, the model expects {loaded.channels}")
+            if args.masks:
+                masks.append(_read_mask(path, args.masks, pre, x.shape[1:] if x.ndim >= 2 else x.shape))
             tensors.append(x)
         except InputError as exc:
             print(f"error: {exc} (skipped)", file=sys.stderr)
@@ -222,7 +253,8 @@ def _evaluation_inputs(args: argparse.Namespace, loaded, pre):
     if len(shapes) > 1:
         raise CommandError(f"the inputs have different shapes {shapes[:3]}; evaluation needs one shape (use --size "
                            f"and --crop for images)")
-    return torch.stack(tensors), f"{len(tensors)} inputs from {', '.join(args.inputs)}"
+    return (torch.stack(tensors), torch.stack(masks) if masks else None,
+            f"{len(tensors)} inputs from {', '.join(args.inputs)}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -233,7 +265,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate.features import Regions
 
     loaded, model, pre = _load(args)
-    x, source = _evaluation_inputs(args, loaded, pre)
+    x, masks, source = _evaluation_inputs(args, loaded, pre)
     x = x.to(args.device)
     methods: dict = {}
     for name in args.methods:
@@ -254,7 +286,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     unknown = [name for name in randomise if name not in methods]
     if unknown:
         raise CommandError(f"--randomise {unknown[0]!r} is not among --methods ({', '.join(args.methods)})")
-    masks = x[:, 0] > 0.5 if loaded.kind == "mnist" and not args.inputs else None
     try:
         regions = Regions(x, args.patch).count
         steps = min(args.steps, regions)  # never more steps than regions to remove
@@ -263,8 +294,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         report.run(model, x, args.out, methods, replacements=args.replace, steps=steps, patch=args.patch,
                    score=args.score, masks=masks,
-                   mask_note="the digit's strokes (pixels brighter than 0.5) as the mask: a rough stand-in for "
-                             "ground truth, since MNIST has none",
+                   mask_note=f"the masks in {args.masks}" if args.masks else
+                   "the digit's strokes (pixels brighter than 0.5) as the mask: a rough stand-in for ground truth, "
+                   "since MNIST has none",
                    randomisation_methods=randomise,
                    randomisation_samples=args.randomisation_samples, batch_size=args.batch_size,
                    title=f"Evaluating explanations of {args.model}", description=f"Data: {source}.",
@@ -340,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("inputs", nargs="*", help="images, folders or .npy arrays (default for --model mnist: "
                                               "held-out digits)")
     ev.add_argument("--model", default="mnist", help="as for lrp explain (default: mnist, the built-in model)")
+    ev.add_argument("--masks", help="folder of ground-truth masks named like the inputs (images: brighter than "
+                                    "half = inside; arrays: nonzero = inside; resized and cropped as the inputs); "
+                                    "adds pointing game, relevance mass and rank accuracy")
     ev.add_argument("--weights", help="a state dict for the model")
     ev.add_argument("--methods", nargs="+", default=list(EVALUATE_METHODS),
                     help="composites and baselines to compare (default: %(default)s)")
