@@ -155,6 +155,9 @@ def test_upload_a_png(page, shoot, tmp_path):
     assert page.inner_text("#up-pred").startswith(f"Predicted: {int(labels[7])} (")
     for image in ("#up-input", "#up-heatmap", "#up-overlay"):
         assert page.get_attribute(image, "src").startswith("data:image/png;base64,")
+        # a data URL decodes asynchronously: wait until the picture is there before reading its size
+        page.wait_for_function("s => { const i = document.querySelector(s); return i.complete && i.naturalWidth > 0 }",
+                               arg=image)
         assert page.locator(image).evaluate("img => img.naturalWidth") == 224
     link = page.locator("#up-download")
     assert link.is_visible()
@@ -187,7 +190,9 @@ def test_api_docs_render_without_internet(page, server, shoot):
     paths = page.locator(".opblock-summary-path").all_inner_texts()
     assert {"/api/explain", "/api/models", "/api/samples"} <= {p.strip() for p in paths}
     page.click(".opblock-post .opblock-summary")
-    page.wait_for_selector(".opblock-post .opblock-body")
-    kinds = page.locator(".opblock-post .body-param-content-type select option").all_inner_texts()
-    assert set(kinds) == {"multipart/form-data", "application/json"}
+    # Swagger UI resolves the request body after the block opens and renders its content types a moment later:
+    # wait for them (expect retries until the timeout) instead of reading whatever is there at once
+    options = page.locator(".opblock-post .body-param-content-type select option")
+    sync_api.expect(options).to_have_count(2, timeout=TIMEOUT_MS)
+    assert set(options.all_inner_texts()) == {"multipart/form-data", "application/json"}
     shoot(page, "5-api-docs")
