@@ -64,17 +64,24 @@ def tiny_rgb() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3)).eval()
 
 
-class SleepOnBright(nn.Module):
-    """Passes its input on; sleeps 1.5 s first when the input is bright (mean > 0.9): a slow request."""
+# The slow model holds a bright request until the test opens the gate: a request that is still running, for as
+# long as the test needs, with no clock involved.
+SLOW_ENTERED = threading.Event()
+SLOW_GATE = threading.Event()
+
+
+class WaitOnBright(nn.Module):
+    """Passes its input on; on a bright input (mean > 0.9) it first waits for ``SLOW_GATE`` (at most 60 s)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float(x.detach().mean()) > 0.9:
-            time.sleep(1.5)
+            SLOW_ENTERED.set()
+            SLOW_GATE.wait(60)
         return x
 
 
 def slow() -> nn.Module:
-    """A 1x8x8 classifier that takes 1.5 s on bright inputs."""
+    """A 1x8x8 classifier that holds bright inputs until ``SLOW_GATE`` opens."""
     torch.manual_seed(0)
-    return nn.Sequential(SleepOnBright(), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+    return nn.Sequential(WaitOnBright(), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(2 * 8 * 8, 2)).eval()

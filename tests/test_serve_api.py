@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,7 +26,7 @@ from lrp.composites import COMPOSITES  # noqa: E402
 from lrp.loading import composite_for, preprocess_for  # noqa: E402
 from lrp.web.app import create_app  # noqa: E402
 from lrp.web.service import MAX_BYTES, ServedModel, centre_digit  # noqa: E402
-from serve_fixtures import digit_png, drawn_one, live_server, png_bytes  # noqa: E402
+from serve_fixtures import SLOW_ENTERED, SLOW_GATE, digit_png, drawn_one, live_server, png_bytes  # noqa: E402
 
 TINY_CLASSES = ["cat", "dog", "bird"]
 
@@ -385,15 +384,19 @@ def test_oversized_upload_to_a_real_server(server):
 
 def test_a_slow_request_does_not_block_others(digits):
     app = create_app([ServedModel.load("serve_fixtures:slow", size=8, crop=8), "mnist"])
+    SLOW_ENTERED.clear()
+    SLOW_GATE.clear()
     with live_server(app) as url, ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(httpx.post, f"{url}/api/explain", json={"array": [[1.0] * 8] * 8}, timeout=60)
-        time.sleep(0.2)  # the slow request is running
-        started = time.perf_counter()
-        fast = httpx.post(f"{url}/api/explain", json={"array": digits[0][0].tolist(), "model": "mnist"}, timeout=60)
-        models = httpx.get(f"{url}/api/models", timeout=60)
-        elapsed = time.perf_counter() - started
-        assert fast.status_code == 200 and models.status_code == 200
-        assert not slow.done() and elapsed < 1.0  # answered while the slow one still runs
+        try:
+            slow = pool.submit(httpx.post, f"{url}/api/explain", json={"array": [[1.0] * 8] * 8}, timeout=90)
+            assert SLOW_ENTERED.wait(30), "the slow request never reached the model"
+            fast = httpx.post(f"{url}/api/explain", json={"array": digits[0][0].tolist(), "model": "mnist"},
+                              timeout=30)
+            models = httpx.get(f"{url}/api/models", timeout=30)
+            assert fast.status_code == 200 and models.status_code == 200
+            assert not slow.done()  # both answered while the slow request is still held in the model
+        finally:
+            SLOW_GATE.set()
         assert slow.result().status_code == 200
 
 
