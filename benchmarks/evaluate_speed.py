@@ -4,8 +4,9 @@
 
 Both remove the pixels of 1,000 held-out digits (28x28) in the order of the same LRP heatmaps, most relevant
 first, replacing them with 0 (Quantus: "black", which is 0 for MNIST), and track the softmax probability of the
-explained class. lrp removes 784 / 100 pixels per step in 100 steps; Quantus removes a fixed number per step,
-8, which gives 98 steps. Times are medians over --repeats runs, on the CPU with torch's default threads.
+explained class. lrp removes 784 / 100 pixels per step in 100 steps; Quantus removes a fixed whole number per
+step, 784 // 100 = 7, which gives 112 steps: compare the rates (perturbed inputs per second), not the times alone.
+Times are medians over --repeats runs, on the CPU with torch's default threads.
 """
 
 from __future__ import annotations
