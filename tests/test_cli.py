@@ -148,3 +148,32 @@ def test_factory_spec_with_weights(tmp_path):
     relevance = np.load(tmp_path / "out" / "row_relevance.npy")
     expected = lrp.explain(model, torch.from_numpy(row)[None], composite="epsilon").relevance[0].numpy()
     np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_device_that_torch_cannot_use_here_is_named_with_the_way_out(monkeypatch):
+    from lrp.cli import build_parser
+    from lrp.loading import ModelError, check_device
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ModelError, match="unknown device 'gpu0': use cpu, cuda or cuda:N"):
+        check_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"CUDA is not available on this machine .*use --device cpu"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1"
+    with pytest.raises(ModelError, match=r"this machine has 2 CUDA device\(s\), cuda:0..cuda:1"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["explain", "x.png"], ["evaluate"], ["serve"]):  # argparse: exit 2, message on stderr
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args([*command, "--device", "cuda"])
+        assert stop.value.code == 2
+    assert build_parser().parse_args(["serve", "--device", "cpu"]).device == "cpu"
+
+
+def test_explain_on_a_missing_device_is_one_line_not_a_traceback(digits, tmp_path):
+    result = run("explain", str(digits), "--device", "cuda:99", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --device: device 'cuda:99'" in result.stderr
+    assert not (tmp_path / "out").exists()

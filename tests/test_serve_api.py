@@ -428,3 +428,23 @@ def test_serve_without_the_web_extra_says_what_to_install():
 def test_serve_with_a_bad_model_spec_is_a_clear_error():
     result = run_cli("serve", "--model", "no_such_module:factory")
     assert result.returncode == 2 and "cannot import 'no_such_module'" in result.stderr
+
+
+def test_served_model_and_its_inputs_go_to_its_device(monkeypatch):
+    from lrp.loading import ModelError
+    from lrp.web import service
+    from lrp.web.schemas import ExplainOptions
+    served = ServedModel.load("mnist", device="meta")  # a device other than the CPU, on any machine
+    assert served.device == torch.device("meta") and all(p.is_meta for p in served.model.parameters())
+    seen = []
+
+    def recording_explain(model, x, **kwargs):
+        seen.append(x.device)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(service, "explain", recording_explain)
+    with pytest.raises(service.ServiceError, match="recorded"):
+        service.explain_array(served, np.zeros((28, 28)).tolist(), ExplainOptions())
+    assert seen == [torch.device("meta")]
+    with pytest.raises(ModelError, match="unknown device 'gpu0'"):
+        ServedModel.load("mnist", device="gpu0")

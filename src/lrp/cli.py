@@ -39,6 +39,15 @@ class _ServeOption(argparse.Action):
         namespace.served = groups
 
 
+def _device(spec: str) -> str:
+    """argparse type of --device: the device if torch can use it here, else a message naming the way out."""
+    from .loading import ModelError, check_device
+    try:
+        return check_device(spec)
+    except ModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .web import missing_dependencies
     missing = missing_dependencies()
@@ -47,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .loading import ModelError
     from .web.server import serve
     try:
-        serve(args.served or [{}], host=args.host, port=args.port, threads=args.threads)
+        serve(args.served or [{}], host=args.host, port=args.port, threads=args.threads, device=args.device)
     except ModelError as exc:
         raise CommandError(str(exc)) from None
     return 0
@@ -334,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--threads", type=int, help="torch threads (default: 1 for small models such as mnist, "
                                                 "under 5 M parameters; else torch's default, one per core)")
+    sv.add_argument("--device", type=_device, default="cpu",
+                    help="where the models run: cpu (default), cuda or cuda:N")
     sv.set_defaults(func=_serve, served=None)
 
     ex = sub.add_parser("explain", help="explain images or arrays with a model; writes heatmaps and a CSV",
@@ -359,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--grayscale", action="store_true", help="read images as one channel")
     ex.add_argument("--invert", action="store_true", help="invert images (white on black <-> black on white)")
     ex.add_argument("--batch-size", type=int, default=16)
-    ex.add_argument("--device", default="cpu", help="cpu or cuda")
+    ex.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     ex.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray, wred")
     ex.add_argument("--out", default="lrp-out", help="output folder (default: lrp-out)")
     ex.set_defaults(func=_explain)
@@ -395,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument(flag, help="as for lrp explain", **kwargs)
     ev.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
     ev.add_argument("--batch-size", type=int, default=256, help="perturbed inputs per forward pass")
-    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     ev.add_argument("--out", default="lrp-eval", help="output folder (default: lrp-eval)")
     ev.set_defaults(func=_evaluate)
     return parser

@@ -116,6 +116,25 @@ def _first_input_channels(model: torch.nn.Module) -> Optional[int]:
     return None
 
 
+def check_device(spec: str) -> str:
+    """``spec`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...) if torch can run on that device here; else
+    ``ModelError`` saying why and what to pass instead."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"unknown device {spec!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {spec!r}: CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ModelError(f"device {spec!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {spec!r}: MPS is not available on this machine; use --device cpu")
+    return spec
+
+
 def load_model(spec: str, weights: Optional[str] = None) -> LoadedModel:
     """``mnist``; a torchvision name (``--weights`` a state dict; a fine-tuned head of another size loads);
     ``module.path:factory``; or a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``)."""

@@ -17,22 +17,22 @@ PREPROCESSING = ("size", "crop", "mean", "std", "grayscale", "invert")
 SMALL_MODEL = 5_000_000
 
 
-def load_models(groups: Sequence[dict[str, Any]]) -> list[ServedModel]:
+def load_models(groups: Sequence[dict[str, Any]], device: str = "cpu") -> list[ServedModel]:
     """One :class:`ServedModel` per group of ``lrp serve`` options (``model``, ``weights``, ``classes`` and the
-    preprocessing options); raises ``ModelError``."""
-    return [ServedModel.load(g.get("model", "mnist"), g.get("weights"), g.get("classes"),
+    preprocessing options), each on ``device``; raises ``ModelError``."""
+    return [ServedModel.load(g.get("model", "mnist"), g.get("weights"), g.get("classes"), device=device,
                              **{k: g[k] for k in PREPROCESSING if k in g})
             for g in (groups or [{}])]
 
 
 def serve(groups: Sequence[dict[str, Any]], host: str = "127.0.0.1", port: int = 8000,
-          threads: Optional[int] = None, log_level: str = "info") -> None:
+          threads: Optional[int] = None, log_level: str = "info", device: str = "cpu") -> None:
     """Load and warm up the models, then serve until interrupted."""
     import uvicorn
 
     from .app import create_app
 
-    models = load_models(groups)
+    models = load_models(groups, device)
     if threads is None and all(sum(p.numel() for p in m.model.parameters()) < SMALL_MODEL for m in models):
         threads = 1
     if threads:
@@ -40,8 +40,8 @@ def serve(groups: Sequence[dict[str, Any]], host: str = "127.0.0.1", port: int =
     app = create_app(models)
     names = ", ".join(app.state.models)
     shown = f"[{host}]" if ":" in host else host
-    print(f"lrp serve: http://{shown}:{port}/ (models: {names}; API docs at /docs; torch threads: "
-          f"{torch.get_num_threads()})", file=sys.stderr, flush=True)
+    print(f"lrp serve: http://{shown}:{port}/ (models: {names} on {device}; API docs at /docs; "
+          f"torch threads: {torch.get_num_threads()})", file=sys.stderr, flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lrp serve: listening on {host}: reachable from other machines", file=sys.stderr, flush=True)
     logging.getLogger("lrp.web").setLevel(log_level.upper())

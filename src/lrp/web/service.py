@@ -25,8 +25,8 @@ from .. import models as builtin_models
 from ..composites import COMPOSITES, Composite
 from ..errors import LRPError, TargetError
 from ..explain import explain
-from ..loading import (InputError, LoadedModel, ModelError, Preprocess, composite_for, load_model, preprocess_for,
-                       read_classes)
+from ..loading import (InputError, LoadedModel, ModelError, Preprocess, check_device, composite_for, load_model,
+                       preprocess_for, read_classes)
 from ..visualize import heatmap, overlay
 from .schemas import ExplainOptions, ExplainResponse, Frame, Sample
 
@@ -70,6 +70,7 @@ class ServedModel:
     classes: Optional[list[str]] = None
     input_shape: Optional[tuple[int, ...]] = None
     num_classes: Optional[int] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _composites: dict = field(default_factory=dict, init=False, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -81,12 +82,15 @@ class ServedModel:
 
     @classmethod
     def load(cls, spec: str = "mnist", weights: Optional[str] = None, classes: Optional[str] = None,
-             name: Optional[str] = None, **preprocessing: Any) -> "ServedModel":
-        """Load ``spec`` as ``lrp explain --model`` does; ``preprocessing``: size, crop, mean, std, grayscale,
-        invert (as the options of ``lrp explain``). Raises ``ModelError``."""
+             name: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+             **preprocessing: Any) -> "ServedModel":
+        """Load ``spec`` as ``lrp explain --model`` does and move it to ``device``; ``preprocessing``: size, crop,
+        mean, std, grayscale, invert (as the options of ``lrp explain``). Raises ``ModelError``."""
         loaded = load_model(spec, weights)
+        device = torch.device(check_device(str(device)))
+        loaded.model.to(device)
         pre = preprocess_for(loaded.kind, **{k: v for k, v in preprocessing.items() if v is not None})
-        return cls(name or spec, loaded, pre, read_classes(classes) if classes else None)
+        return cls(name or spec, loaded, pre, read_classes(classes) if classes else None, device=device)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -131,7 +135,7 @@ class ServedModel:
         count. Raises ``ModelError`` when the model fails on its input shape."""
         if self.input_shape is None:
             return
-        x = torch.full((1, *self.input_shape), 0.5)
+        x = torch.full((1, *self.input_shape), 0.5, device=self.device)
         try:
             for _ in range(2):
                 res = explain(self.model, x, composite=self.composite(DEFAULT_COMPOSITE))
@@ -354,7 +358,7 @@ def explain_input(served: ServedModel, prepared: Prepared, options: ExplainOptio
     started = time.perf_counter() if started is None else started
     comp = served.composite(options.composite)
     target = served.target_index(options.target)
-    x = prepared.x[None]
+    x = prepared.x[None].to(served.device)
     try:
         res = explain(served.model, x, target=target, composite=comp)
     except TargetError as exc:
@@ -368,7 +372,7 @@ def explain_input(served: ServedModel, prepared: Prepared, options: ExplainOptio
     if res.output.ndim != 2:
         raise ServiceError(422, f"model {served.name!r} gives an output of shape {list(res.output.shape)}; the web "
                                 f"app explains classifiers (output: batch x classes)")
-    logits = res.output[0].float()
+    logits = res.output[0].detach().float().cpu()
     probs = torch.softmax(logits, 0)
     pred = int(logits.argmax())
     explained = int(res.target[0])
