@@ -3,6 +3,7 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +39,10 @@ def test_explain_folder_with_builtin_model(digits, tmp_path):
     assert result.returncode == 1, result.stderr  # one broken file: reported, the rest explained
     assert "broken.png: not a readable image" in result.stderr
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [(Path(r["file"]).name, r["status"].split(":")[0]) for r in rows] == [
+        ("broken.png", "failed"), ("digit0.png", "ok"), ("digit1.png", "ok"), ("digit2.png", "ok")]
+    assert "not a readable image" in rows[0]["status"] and rows[0]["outputs"] == ""
+    rows = rows[1:]
     assert [r["outputs"] for r in rows] == ["digit0", "digit1", "digit2"]
     model = lrp.models.mnist()
     for r in rows:
@@ -51,6 +56,8 @@ def test_explain_folder_with_builtin_model(digits, tmp_path):
         np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-7)
         assert int(r["predicted"]) == int(r["explained"]) == int(model(x).argmax())
         assert abs(float(r["relevance_sum"]) - expected.sum()) < 1e-3 * max(1.0, abs(expected.sum()))
+        logit = float(model(x).detach()[0].max())
+        assert abs(float(r["score"]) - logit) < 1e-4 * max(1.0, abs(logit))  # the explained score: the logit
     (digits / "broken.png").unlink()
 
 
@@ -71,7 +78,7 @@ def test_torchvision_model_with_finetuned_head_and_class_names(tmp_path):
     relevance = np.load(tmp_path / "out" / "scan_relevance.npy")
     assert relevance.shape == (3, 64, 64)
     # the same input through the Python API
-    from lrp.loading import Preprocess
+    from lrp.pipeline import Preprocess
     x, _ = Preprocess(size=64, crop=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)).image(
         tmp_path / "scan.png")
     low = (0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
@@ -100,7 +107,7 @@ def test_arrays_and_exported_programs(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
     (["--model", "resnet18", "--weights", "missing.pt"], "missing.pt does not exist"),
-    (["--target", "cat"], "not a class index; to use class names pass --classes"),
+    (["--target", "cat"], "target 'cat' is neither a class index nor one of the 10 class names (0, 1,"),
 ])
 def test_errors_are_one_clear_line(digits, tmp_path, args, message):
     result = run("explain", str(digits / "digit0.png"), *args, "--out", "out", cwd=tmp_path)
@@ -152,7 +159,7 @@ def test_factory_spec_with_weights(tmp_path):
 
 def test_device_that_torch_cannot_use_here_is_named_with_the_way_out(monkeypatch):
     from lrp.cli import build_parser
-    from lrp.loading import ModelError, check_device
+    from lrp.pipeline import ModelError, check_device
     assert check_device("cpu") == "cpu"
     with pytest.raises(ModelError, match="unknown device 'gpu0': use cpu, cuda or cuda:N"):
         check_device("gpu0")

@@ -279,8 +279,10 @@ def test_sigmoid_mlp_relevance_per_feature_and_layer():
     assert res.output.shape == (4, 1) and res.relevance.shape == (4, 10)
     assert set(res.layers) == {"fc1", "fc2", "out"}
     assert res.layers["fc1"].shape == (4, 16)
-    # the output is the sigmoid's probability; with the identity rule at tanh and sigmoid it reaches the logit
-    torch.testing.assert_close(res.layers["out"].sum(1), res.output[:, 0])
+    # the output is the sigmoid's probability; the relevance starts before it, at the logit z of the predicted
+    # class (z for class 1, -z for class 0)
+    assert res.head == "sigmoid"
+    torch.testing.assert_close(res.layers["out"].sum(1), torch.where(res.target == 1, 1.0, -1.0) * res.logits[:, 0])
 
 
 def test_concurrent_calls_on_one_model_are_serialised():

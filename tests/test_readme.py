@@ -43,6 +43,15 @@ def test_readme_command_lines_run(tmp_path):
     (tmp_path / "scans").mkdir()
     Image.fromarray((np.random.default_rng(0).random((240, 240, 3)) * 255).astype("uint8")).save(
         tmp_path / "scans" / "scan1.png")
+    (tmp_path / "models").mkdir()  # a user's hyperspectral model file and a cube: (channel, bands, H, W)
+    (tmp_path / "models" / "hyper.py").write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from architectures import Hyperspectral\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Hyperspectral(bands=6)\n")
+    np.save(tmp_path / "cube.npy", (np.random.default_rng(1).random((1, 6, 9, 9)) * 2).astype("float32"))
     for line in CLI:
         args = line.split()[1:]
         result = subprocess.run([sys.executable, "-m", "lrp.cli", *args], cwd=tmp_path, capture_output=True,
@@ -52,4 +61,5 @@ def test_readme_command_lines_run(tmp_path):
     import csv
     rows = list(csv.DictReader(open(tmp_path / "lrp-out" / "summary.csv")))
     scan = [row for row in rows if "scan1" in row["file"]]
-    assert scan and scan[0]["predicted"] in {"glioma", "meningioma", "none", "pituitary"}  # the last line names classes
+    assert scan and scan[0]["predicted"] in {"glioma", "meningioma", "none", "pituitary"}  # line 3 names classes
+    assert (tmp_path / "cube" / "cube_bands.png").exists()  # the fourth: one tile per band

@@ -23,9 +23,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import lrp  # noqa: E402
 from lrp.composites import COMPOSITES  # noqa: E402
-from lrp.loading import composite_for, preprocess_for  # noqa: E402
+from lrp.pipeline import Pipeline  # noqa: E402
 from lrp.web.app import create_app  # noqa: E402
-from lrp.web.service import MAX_BYTES, ServedModel, centre_digit  # noqa: E402
+from lrp.pipeline import centre_digit  # noqa: E402
+from lrp.web.service import MAX_BYTES, ServedModel  # noqa: E402
 from serve_fixtures import SLOW_ENTERED, SLOW_GATE, digit_png, drawn_one, live_server, png_bytes  # noqa: E402
 
 TINY_CLASSES = ["cat", "dog", "bird"]
@@ -185,7 +186,7 @@ def test_each_composite(client, digits, name):
     x, _ = digits
     body = client.post("/api/explain", json={"array": x[5].tolist(), "composite": name, "raw": True}).json()
     assert body["composite"] == name
-    comp = composite_for(name, preprocess_for("mnist"))
+    comp, _ = Pipeline.load("mnist").composite(name)
     expected = lrp.explain(lrp.models.mnist(), x[5:6], composite=comp)
     np.testing.assert_allclose(body["relevance"], expected.relevance[0].numpy(), rtol=1e-4, atol=1e-6)
 
@@ -313,7 +314,8 @@ def test_error_status_and_json_message(client, case):
 
 def test_error_messages_say_what_is_wrong(client):
     assert "4096" in error_of(upload(client, big_png(4097, 1)), 413)
-    assert "expects [1, 28, 28]" in error_of(client.post("/api/explain", json={"array": [[0.0] * 5] * 5}), 422)
+    assert "reads samples shaped (1, 28, 28)" in error_of(client.post("/api/explain",
+                                                                      json={"array": [[0.0] * 5] * 5}), 422)
     assert "epsilon-plus-flat" in error_of(client.post("/api/explain", json={"array": [[0.0] * 28] * 28,
                                                                             "composite": "x"}), 422)
     assert "preprocess='digit'" in error_of(upload(client, big_png(40, 30)), 422)
@@ -431,7 +433,7 @@ def test_serve_with_a_bad_model_spec_is_a_clear_error():
 
 
 def test_served_model_and_its_inputs_go_to_its_device(monkeypatch):
-    from lrp.loading import ModelError
+    from lrp.pipeline import ModelError
     from lrp.web import service
     from lrp.web.schemas import ExplainOptions
     served = ServedModel.load("mnist", device="meta")  # a device other than the CPU, on any machine
@@ -442,7 +444,8 @@ def test_served_model_and_its_inputs_go_to_its_device(monkeypatch):
         seen.append(x.device)
         raise RuntimeError("recorded")
 
-    monkeypatch.setattr(service, "explain", recording_explain)
+    from lrp.pipeline import pipeline
+    monkeypatch.setattr(pipeline, "explain", recording_explain)
     with pytest.raises(service.ServiceError, match="recorded"):
         service.explain_array(served, np.zeros((28, 28)).tolist(), ExplainOptions())
     assert seen == [torch.device("meta")]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-EVALUATE_METHODS = ("epsilon-plus-flat", "epsilon-gamma-box", "layered", "epsilon-alpha2-beta1", "lrp0", "gradient",
-                    "gradient-x-input", "integrated-gradients", "smoothgrad", "occlusion", "random")
+# what `lrp evaluate` compares by default: the composites that differ on the layers of a CNN, and every baseline
+EVALUATE_COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "layered", "epsilon-alpha2-beta1", "lrp0")
 
 
 class CommandError(Exception):
@@ -41,7 +40,8 @@ class _ServeOption(argparse.Action):
 
 def _device(spec: str) -> str:
     """argparse type of --device: the device if torch can use it here, else a message naming the way out."""
-    from .loading import ModelError, check_device
+    from .errors import ModelError
+    from .pipeline import check_device
     try:
         return check_device(spec)
     except ModelError as exc:
@@ -53,209 +53,160 @@ def _serve(args: argparse.Namespace) -> int:
     missing = missing_dependencies()
     if missing:
         raise CommandError(f"lrp serve needs {', '.join(missing)}: pip install 'lrp[web]'")
-    from .loading import ModelError
     from .web.server import serve
-    try:
-        serve(args.served or [{}], host=args.host, port=args.port, threads=args.threads, device=args.device)
-    except ModelError as exc:
-        raise CommandError(str(exc)) from None
+    serve(args.served or [{}], host=args.host, port=args.port, threads=args.threads, device=args.device)
     return 0
 
 
-def _read_classes(path: Optional[str]) -> Optional[list[str]]:
-    from .loading import ModelError, read_classes
-    if path is None:
-        return None
-    try:
-        return read_classes(path)
-    except ModelError as exc:
-        raise CommandError(str(exc)) from None
+def _pipeline(args: argparse.Namespace):
+    """The pipeline for --model, --weights, --classes, the preprocessing options and --device."""
+    from .pipeline import Pipeline
+    return Pipeline.load(args.model, args.weights, getattr(args, "classes", None), device=args.device, size=args.size,
+                         crop=args.crop, mean=args.mean, std=args.std, grayscale=args.grayscale,
+                         invert=args.invert)
 
 
-def _target(spec: Optional[str], classes: Optional[list[str]]):
-    if spec is None or spec == "pred":
-        return None
-    if spec.lstrip("-").isdigit():
-        return int(spec)
-    if classes is None:
-        raise CommandError(f"--target {spec!r} is not a class index; to use class names pass --classes FILE "
-                           f"(one name per line)")
-    if spec not in classes:
-        raise CommandError(f"--target {spec!r} is not in {len(classes)} class names of --classes")
-    return classes.index(spec)
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
 
 
-def _composite(args: argparse.Namespace, pre) -> object:
-    from .loading import composite_for
-    try:  # z^B bounds not given: the input's range from the preprocessing (pixels in [0, 1])
-        return composite_for(args.composite, pre, maxpool=args.maxpool, low=args.low, high=args.high)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-
-
-def _preprocess(args: argparse.Namespace, loaded):
-    from .loading import preprocess_for
-    return preprocess_for(loaded.kind, size=args.size, crop=args.crop, mean=args.mean, std=args.std,
-                          grayscale=args.grayscale, invert=args.invert)
-
-
-def _load(args: argparse.Namespace):
-    """(the loaded model spec, the model on --device, its preprocessing) for --model and --weights."""
-    from .loading import ModelError, load_model
-    try:
-        loaded = load_model(args.model, args.weights)
-    except ModelError as exc:
-        raise CommandError(str(exc)) from None
-    return loaded, loaded.model.to(args.device), _preprocess(args, loaded)
-
-
-def _unique_stem(path: Path, used: set) -> str:
-    stem, k = path.stem, 1
+def _unique_stem(source: str, used: set) -> str:
+    base = Path(source.split("[")[0]).stem + (f"_{source.rsplit('[', 1)[1].rstrip(']')}" if "[" in source else "")
+    stem, k = base, 1
     while stem in used:
         k += 1
-        stem = f"{path.stem}_{k}"
+        stem = f"{base}_{k}"
     used.add(stem)
     return stem
 
 
+def _read_inputs(pipeline, files: list, fail) -> list:
+    """``(order, prepared input)`` for each sample of each file (an array file may hold a batch), in input
+    order; a file that cannot be used goes to ``fail(path, exc, order)``."""
+    from .pipeline import InputError, is_array_file
+
+    prepared = []
+    for k, path in enumerate(files):
+        try:
+            items = pipeline.array(path) if is_array_file(path) else [pipeline.image(path)]
+        except InputError as exc:
+            fail(str(path), exc, (k, 0))
+            continue
+        prepared += [((k, j), item) for j, item in enumerate(items)]
+    notes = [item.note for _, item in prepared if item.note]
+    if notes:
+        _note(notes[0] + (f" (and {len(notes) - 1} more inputs)" if len(notes) > 1 else ""))
+    return prepared
+
+
+def _composites(args: argparse.Namespace, pipeline, name: str, prepared: list) -> dict:
+    """The composite for each kind of input (images, arrays), with z^B bounds as :meth:`Pipeline.composite` finds
+    them; where they came from is printed."""
+    arrays = [item.x for item in prepared if item.kind == "array"]
+    data_range = (min(float(x.min()) for x in arrays), max(float(x.max()) for x in arrays)) if arrays else None
+    chosen = {}
+    for kind in sorted({item.kind for item in prepared}):
+        comp, note = pipeline.composite(name, kind=kind, maxpool=args.maxpool, low=args.low, high=args.high,
+                                        data_range=data_range)
+        if note:
+            _note(f"{name}: {note}")
+        chosen[kind] = comp
+    return chosen
+
+
 def _explain(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
     from tqdm import tqdm
 
-    from .explain import explain
-    from .loading import ARRAY_SUFFIXES, InputError, batches, expand_inputs, read_array
-    from .visualize import channel_grid, heatmap, overlay
+    from .errors import LRPError, ModelError, TargetError, one_line
+    from .pipeline import expand_inputs
+    from .pipeline.outputs import failed_row, summary_row, write, write_summary
 
-    loaded, model, pre = _load(args)
-    comp = _composite(args, pre)
-    classes = _read_classes(args.classes)
-    target = _target(args.target, classes)
+    pipeline = _pipeline(args)
+    try:
+        target = pipeline.target(args.target)
+    except TargetError as exc:
+        raise CommandError(str(exc)) from None
     files = expand_inputs(args.inputs)
     if not files:
-        raise CommandError("no input files found (images: " + ", ".join(sorted({".png", ".jpg", ".npy"})) + ", ...)")
+        raise CommandError("no input files found (images such as .png and .jpg, or .npy/.npz arrays)")
+    rows: list = []  # (order, row)
+
+    def fail(source: str, exc: BaseException, order: tuple) -> None:
+        print(f"error: {one_line(exc) if source in str(exc) else source + ': ' + one_line(exc)}", file=sys.stderr)
+        rows.append((order, failed_row(source, one_line(exc))))
+
+    ordered = _read_inputs(pipeline, files, fail)
+    order = {id(item): key for key, item in ordered}
+    prepared = [item for _, item in ordered]
+    comps = _composites(args, pipeline, args.composite, prepared) if prepared else {}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    failures = 0
-    loaded_inputs = []  # (path, tensor, picture or None)
-    for path in files:
-        try:
-            if path.suffix.lower() in ARRAY_SUFFIXES:
-                x, picture = read_array(path), None
-            else:
-                x, picture = pre.image(path)
-            if loaded.channels is not None and x.ndim >= 3 and x.shape[0] != loaded.channels:
-                raise InputError(f"{path}: has {x.shape[0]} channels, the model expects {loaded.channels}"
-                                 + (" (try --grayscale)" if loaded.channels == 1 else ""))
-            loaded_inputs.append((path, x, picture))
-        except InputError as exc:
-            failures += 1
-            print(f"error: {exc}", file=sys.stderr)
-
     groups: dict = {}
-    for item in loaded_inputs:
-        groups.setdefault(tuple(item[1].shape), []).append(item)
+    for item in prepared:
+        groups.setdefault((item.kind, tuple(item.x.shape)), []).append(item)
     used: set = set()
-    rows = []
-    with tqdm(total=len(loaded_inputs), desc="explaining", unit="input", disable=None, file=sys.stderr) as bar:
-        for items in groups.values():
-            for batch in batches(items, args.batch_size):
-                x = torch.stack([item[1] for item in batch]).to(args.device)
+    written_kinds: set = set()
+    explained = 0
+    with tqdm(total=len(prepared), desc="explaining", unit="input", disable=None, file=sys.stderr) as bar:
+        for (kind, _), items in groups.items():
+            for start in range(0, len(items), args.batch_size):
+                batch = items[start:start + args.batch_size]
                 try:
-                    res = explain(model, x, target=target, composite=comp)
-                except Exception as exc:  # a model/input mismatch: report these inputs, go on with the rest
-                    failures += len(batch)
-                    names = ", ".join(str(item[0]) for item in batch)
-                    print(f"error: {names}: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+                    outcomes = pipeline.explain(batch, target, comps[kind])
+                except (ModelError, TargetError) as exc:  # the same for every input: stop, write nothing more
+                    raise CommandError(str(exc)) from None
+                except (LRPError, Exception) as exc:  # a model/input mismatch: report these inputs, go on
+                    for item in batch:
+                        fail(item.source, exc, order[id(item)])
                     bar.update(len(batch))
                     continue
-                probs = torch.softmax(res.output.float(), 1) if res.output.ndim == 2 else None
-                for i, (path, xi, picture) in enumerate(batch):
-                    stem = _unique_stem(path, used)
-                    relevance = res.relevance[i].cpu()
-                    np.save(out / f"{stem}_relevance.npy", relevance.numpy())
-                    size = picture.size if picture is not None else None
-                    if relevance.ndim in (2, 3):
-                        heatmap(relevance, args.cmap, size=size).save(out / f"{stem}_heatmap.png")
-                    if picture is not None:
-                        overlay(picture, relevance, args.cmap).save(out / f"{stem}_overlay.png")
-                    elif relevance.ndim == 3 and relevance.shape[0] > 1:
-                        channel_grid(relevance, args.cmap).save(out / f"{stem}_channels.png")
-                    pred = int(res.output[i].argmax()) if res.output.ndim == 2 else 0
-                    explained = int(res.target[i]) if res.target is not None else 0
-                    rows.append({
-                        "file": str(path),
-                        "predicted": classes[pred] if classes and pred < len(classes) else pred,
-                        "probability": f"{float(probs[i, pred]):.4f}" if probs is not None else "",
-                        "explained": classes[explained] if classes and explained < len(classes) else explained,
-                        "relevance_sum": f"{float(relevance.sum()):.6g}",
-                        "outputs": stem,
-                    })
+                out.mkdir(parents=True, exist_ok=True)
+                for outcome in outcomes:
+                    stem = _unique_stem(outcome.prepared.source, used)
+                    for name in write(outcome, out, stem, args.cmap):
+                        written_kinds.add(name[len(stem) + 1:])
+                    rows.append((order[id(outcome.prepared)], summary_row(outcome, pipeline, stem)))
+                    explained += 1
                 bar.update(len(batch))
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "predicted", "probability", "explained", "relevance_sum",
-                                               "outputs"])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"explained {len(rows)} of {len(files)} inputs; wrote {out / 'summary.csv'}"
-          + (f"; {failures} failed (see errors above)" if failures else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    write_summary(out / "summary.csv", [row for _, row in sorted(rows, key=lambda r: r[0])])
+    failures = sum(1 for _, row in rows if row["status"] != "ok")
+    kinds = ", ".join(f"<name>_{kind}" for kind in sorted(written_kinds))
+    print(f"explained {explained} of {explained + failures} inputs into {out}/ ({kinds or 'nothing'}); "
+          f"summary.csv lists each input" + (f"; {failures} failed (see errors above)" if failures else ""))
     return 1 if failures else 0
 
 
-def _read_mask(path: Path, folder: str, pre, spatial: tuple):
-    """The ground-truth mask for input ``path``: ``folder/<same name>.*``, an image (nonzero pixels, after the
-    same resizing and cropping as the input) or an array; shaped like the input without its channels."""
-    from .loading import ARRAY_SUFFIXES, IMAGE_SUFFIXES, InputError, Preprocess
-
-    found = sorted(p for p in Path(folder).glob(path.stem + ".*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES | ARRAY_SUFFIXES)
-    if not found:
-        raise InputError(f"{path}: no mask {path.stem}.<png|npy|...> in {folder}")
-    if found[0].suffix.lower() in ARRAY_SUFFIXES:
-        import numpy as np
-        import torch
-        try:
-            data = np.load(found[0], allow_pickle=False)
-            array = data[data.files[0]] if isinstance(data, np.lib.npyio.NpzFile) else data
-            mask = torch.from_numpy(np.asarray(array) != 0)
-        except (OSError, ValueError, IndexError) as exc:
-            raise InputError(f"{found[0]}: cannot read the mask ({exc})") from None
-        mask = mask[0] if mask.ndim == len(spatial) + 1 and mask.shape[0] == 1 else mask
-    else:
-        mask = Preprocess(size=pre.size, crop=pre.crop, grayscale=True).image(found[0])[0][0] > 0.5
-    if tuple(mask.shape) != tuple(spatial):
-        raise InputError(f"{found[0]}: the mask has shape {tuple(mask.shape)}, the input {tuple(spatial)}")
-    return mask
-
-
-def _evaluation_inputs(args: argparse.Namespace, loaded, pre):
-    """(inputs, masks or None, a description): held-out digits for the built-in model (strokes as masks), else
-    the files given (one shape), with their masks from --masks."""
+def _evaluation_inputs(args: argparse.Namespace, pipeline):
+    """(inputs, masks or None, a description, input kind): held-out digits for the built-in model (strokes as
+    masks), else the files given (one shape), with their masks from --masks."""
     import torch
 
-    from .loading import ARRAY_SUFFIXES, InputError, expand_inputs, read_array
+    from .pipeline import InputError, expand_inputs, read_mask
 
     if not args.inputs:
-        if loaded.kind != "mnist":
+        if pipeline.loaded.kind != "mnist":
             raise CommandError("give the inputs to evaluate on (images, folders or .npy arrays); only --model mnist "
                                "has built-in data")
         if args.masks:
             raise CommandError("--masks goes with input files; the built-in digits use their strokes as masks")
         from .models import mnist_digits
         x, _ = mnist_digits("test", limit=args.limit)
-        return x, x[:, 0] > 0.5, "held-out MNIST digits (never seen in training)"
-    tensors, masks = [], []
-    for path in expand_inputs(args.inputs)[:args.limit]:
+        return x, x[:, 0] > 0.5, "held-out MNIST digits (never seen in training)", "image"
+    tensors, masks, kinds = [], [], set()
+
+    def skip(source: str, exc: BaseException, order: tuple = ()) -> None:
+        print(f"error: {exc} (skipped)", file=sys.stderr)
+
+    for _, item in _read_inputs(pipeline, expand_inputs(args.inputs), skip)[:args.limit]:
         try:
-            x = read_array(path) if path.suffix.lower() in ARRAY_SUFFIXES else pre.image(path)[0]
-            if loaded.channels is not None and x.ndim >= 3 and x.shape[0] != loaded.channels:
-                raise InputError(f"{path}: has {x.shape[0]} channels, the model expects {loaded.channels}")
             if args.masks:
-                masks.append(_read_mask(path, args.masks, pre, x.shape[1:] if x.ndim >= 2 else x.shape))
-            tensors.append(x)
+                path = Path(item.source.split("[")[0])
+                masks.append(read_mask(path, args.masks, pipeline.pre,
+                                       item.x.shape[1:] if item.x.ndim >= 2 else item.x.shape))
+            tensors.append(item.x)
+            kinds.add(item.kind)
         except InputError as exc:
-            print(f"error: {exc} (skipped)", file=sys.stderr)
+            skip(item.source, exc)
     if not tensors:
         raise CommandError("none of the inputs could be read")
     shapes = sorted({tuple(t.shape) for t in tensors})
@@ -263,7 +214,7 @@ def _evaluation_inputs(args: argparse.Namespace, loaded, pre):
         raise CommandError(f"the inputs have different shapes {shapes[:3]}; evaluation needs one shape (use --size "
                            f"and --crop for images)")
     return (torch.stack(tensors), torch.stack(masks) if masks else None,
-            f"{len(tensors)} inputs from {', '.join(args.inputs)}")
+            f"{len(tensors)} inputs from {', '.join(args.inputs)}", "array" if "array" in kinds else "image")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -272,9 +223,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from . import baselines
     from .evaluate import report
     from .evaluate.features import Regions
+    from .pipeline import composite_names
 
-    loaded, model, pre = _load(args)
-    x, masks, source = _evaluation_inputs(args, loaded, pre)
+    pipeline = _pipeline(args)
+    x, masks, source, kind = _evaluation_inputs(args, pipeline)
+    data_range = (float(x.min()), float(x.max()))
     x = x.to(args.device)
     methods: dict = {}
     for name in args.methods:
@@ -283,13 +236,14 @@ def _evaluate(args: argparse.Namespace) -> int:
             methods[f"occlusion-{size}"] = functools.partial(baselines.occlusion, patch=size)
         elif name in baselines.METHODS:
             methods[name] = name
+        elif name in composite_names():
+            methods[name], note = pipeline.composite(name, kind=kind, maxpool=args.maxpool, low=args.low,
+                                                     high=args.high, data_range=data_range)
+            if note:
+                _note(f"{name}: {note}")
         else:
-            try:
-                methods[name] = _composite(argparse.Namespace(**{**vars(args), "composite": name}), pre)
-            except CommandError:
-                from .composites import COMPOSITES
-                raise CommandError(f"unknown method {name!r}; give composites ({', '.join(COMPOSITES)}) or "
-                                   f"baselines ({', '.join(baselines.METHODS)})") from None
+            raise CommandError(f"unknown method {name!r}; give composites ({', '.join(composite_names())}) or "
+                               f"baselines ({', '.join(baselines.METHODS)})")
     keys = {"occlusion": next((k for k in methods if k.startswith("occlusion-")), "occlusion")}
     randomise = [keys.get(name, name) for name in args.randomise]
     unknown = [name for name in randomise if name not in methods]
@@ -299,9 +253,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         regions = Regions(x, args.patch).count
         steps = min(args.steps, regions)  # never more steps than regions to remove
         if steps < args.steps:
-            print(f"note: {regions} regions of patch {args.patch}: {steps} steps instead of {args.steps}",
-                  file=sys.stderr)
-        report.run(model, x, args.out, methods, replacements=args.replace, steps=steps, patch=args.patch,
+            _note(f"{regions} regions of patch {args.patch}: {steps} steps instead of {args.steps}")
+        report.run(pipeline.model, x, args.out, methods, replacements=args.replace, steps=steps, patch=args.patch,
                    score=args.score, masks=masks,
                    mask_note=f"the masks in {args.masks}" if args.masks else
                    "the digit's strokes (pixels brighter than 0.5) as the mask: a rough stand-in for ground truth, "
@@ -315,7 +268,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocessing_help() -> str:
+    from .pipeline import DEFAULT_PREPROCESSING
+    lines = ["default preprocessing of images, by --model:"]
+    names = {"mnist": "mnist", "torchvision": "torchvision names", "factory": "module:factory, file.py:factory",
+             "exported": ".pt2 programs"}
+    for kind, pre in DEFAULT_PREPROCESSING.items():
+        lines.append(f"  {names[kind]}: {pre.describe()}")
+    lines += ["--size/--crop/--mean/--std override these (--size 0 / --crop 0: no resizing / cropping; a model "
+              "trained at another size says so with them).",
+              "arrays (.npy/.npz) are read as given: one sample shaped as the model reads it (a one-channel model's "
+              "channel may be left out) or a batch with the samples first."]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import baselines
+    from .pipeline import MODEL_SPECS, composite_names
+
     parser = argparse.ArgumentParser(prog="lrp", description="Layer-wise Relevance Propagation for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -329,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--weights, --classes and the preprocessing options apply to the --model "
                                     "they follow.")
     sv.add_argument("--model", action=_ServeOption, dest="model", metavar="SPEC",
-                    help="'mnist' (default), a torchvision model name, 'module.path:factory' or a .pt2 file; "
-                         "repeat to serve several")
+                    help=f"{MODEL_SPECS}; default mnist; repeat to serve several")
     sv.add_argument("--weights", action=_ServeOption, help="a state dict for the --model before it")
     sv.add_argument("--classes", action=_ServeOption, help="text file with one class name per line")
     sv.add_argument("--size", type=int, action=_ServeOption, help="resize images: shorter side in pixels")
@@ -348,23 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_serve, served=None)
 
     ex = sub.add_parser("explain", help="explain images or arrays with a model; writes heatmaps and a CSV",
-                        description="Explain each input; write <name>_heatmap.png, <name>_overlay.png, "
-                                    "<name>_relevance.npy and summary.csv into --out.")
+                        description="Explain each input; write into --out <name>_relevance.npy and its pictures: "
+                                    "<name>_heatmap.png and <name>_overlay.png for images, <name>_bands.png (one "
+                                    "tile per band) for cubes and many-channel inputs, <name>_features.png (a bar "
+                                    "per feature) for vectors; and summary.csv with a row per input (prediction, "
+                                    "explained class and score, relevance sum, status: ok or why it failed).",
+                        epilog=_preprocessing_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), .npy/.npz arrays")
-    ex.add_argument("--model", default="mnist",
-                    help="'mnist' (built-in), a torchvision model name (with --weights), 'module.path:factory', "
-                         "or a torch.export program file (.pt2)")
+    ex.add_argument("--model", default="mnist", help=MODEL_SPECS)
     ex.add_argument("--weights", help="a state dict for the model (a fine-tuned head of another size is fine)")
-    ex.add_argument("--composite", default="epsilon-plus-flat",
-                    help="lrp0, epsilon, epsilon-plus, epsilon-plus-flat (default), epsilon-gamma-box, "
-                         "epsilon-alpha2-beta1, layered")
-    ex.add_argument("--low", type=float, help="lowest input value for z^B (default: from the preprocessing)")
-    ex.add_argument("--high", type=float, help="highest input value for z^B (default: from the preprocessing)")
+    ex.add_argument("--composite", default="epsilon-plus-flat", choices=composite_names(), metavar="NAME",
+                    help=f"{', '.join(composite_names())} (default: %(default)s)")
+    ex.add_argument("--low", type=float, help="lowest input value for z^B (default: images: pixel 0 after the "
+                                              "preprocessing; arrays: their minimum; the value used is printed)")
+    ex.add_argument("--high", type=float, help="highest input value for z^B (default: images: pixel 1 after the "
+                                               "preprocessing; arrays: their maximum)")
     ex.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
     ex.add_argument("--target", help="class to explain: 'pred' (default), an index, or a name from --classes")
     ex.add_argument("--classes", help="text file with one class name per line")
-    ex.add_argument("--size", type=int, help="resize images so the shorter side has this many pixels")
-    ex.add_argument("--crop", type=int, help="centre-crop images to this square size")
+    ex.add_argument("--size", type=int, help="resize images so the shorter side has this many pixels (0: no "
+                                             "resizing; default: see below)")
+    ex.add_argument("--crop", type=int, help="centre-crop images to this square size (0: no cropping)")
     ex.add_argument("--mean", type=float, nargs="+", help="per-channel mean to subtract")
     ex.add_argument("--std", type=float, nargs="+", help="per-channel standard deviation to divide by")
     ex.add_argument("--grayscale", action="store_true", help="read images as one channel")
@@ -387,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "half = inside; arrays: nonzero = inside; resized and cropped as the inputs); "
                                     "adds pointing game, relevance mass and rank accuracy")
     ev.add_argument("--weights", help="a state dict for the model")
-    ev.add_argument("--methods", nargs="+", default=list(EVALUATE_METHODS),
+    ev.add_argument("--methods", nargs="+", default=[*EVALUATE_COMPOSITES, *baselines.METHODS],
                     help="composites and baselines to compare (default: %(default)s)")
     ev.add_argument("--randomise", nargs="*", default=["epsilon-plus-flat", "epsilon-gamma-box", "gradient"],
                     help="methods to put through the randomisation check (default: %(default)s; none to skip)")
@@ -416,9 +389,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from .errors import InputError, ModelError, TargetError
     try:
         return args.func(args)
-    except CommandError as exc:
+    except (CommandError, ModelError, TargetError, InputError) as exc:
         print(f"lrp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

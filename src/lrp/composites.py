@@ -6,12 +6,20 @@ at, in this order of precedence (the first that matches wins):
 1. ``by_name``: module-name patterns (``fnmatch`` globs such as ``"features.*"``; a layer's name is the
    dotted path of the module that runs it, ``"features.3"``);
 2. ``by_position``: ``"first"`` (the layers that read the model input, through reshapes and indexing
-   only; a warning says so when no layer does), ``"last"``, an integer index in the order the layers
-   run (negative counts from the output), or a ``(start, stop)`` range of such indices; floats in a range
-   are fractions of the number of layers, so ``(0.0, 1/3)`` is the lower third;
+   only; a warning says so when no layer does), ``"pixels"`` (the same layers, but only when the model input
+   is an image: floating point with a channel and 2 or 3 spatial dimensions, i.e. ``x.ndim in (4, 5)``;
+   for other inputs, such as tabular features or 1D signals, the key matches nothing and the layers get
+   their ``by_type`` or ``default`` rule), ``"last"``, an integer index in the order the layers run (negative
+   counts from the output), or a ``(start, stop)`` range of such indices; floats in a range are fractions of
+   the number of layers, so ``(0.0, 1/3)`` is the lower third;
 3. ``by_type``: a module class (matched with ``isinstance`` on the module that runs the layer) or an op kind,
    ``"linear"``, ``"conv"`` (convolutions of any dimension) or ``"conv_transpose"``;
 4. ``default``.
+
+Input rules that ignore the input's values (``Flat``, ``WSquare``) suit pixels, not features: on a tabular
+model Flat would give every feature of a unit the same relevance. The named composites therefore put them at
+``"pixels"``; ``ZBox`` (whose relevance depends on the values and on the bounds the user gave) stays at
+``"first"``. ``Explanation.rules`` shows which rule each layer got.
 
 Everything else the model runs is handled by the engine: activations pass relevance through, pooling,
 additions and concatenations split it by contribution. ``maxpool="average"`` redistributes relevance at
@@ -46,6 +54,7 @@ class LayerInfo:
     index: int  # position in the order the layers run
     count: int  # number of layer calls in the forward pass
     first: bool  # reads the model input (directly or through reshapes and indexing)
+    image_input: bool = False  # the model input is an image: floating point, (N, C, H, W) or (N, C, D, H, W)
 
     @property
     def module_name(self) -> str:
@@ -103,6 +112,8 @@ def _index(value: Union[int, float, None], count: int, default: int) -> int:
 def _position_matches(key: PositionKey, layer: LayerInfo) -> bool:
     if key == "first":
         return layer.first
+    if key == "pixels":
+        return layer.first and layer.image_input
     if key == "last":
         return layer.index == layer.count - 1
     if isinstance(key, int):
@@ -111,7 +122,7 @@ def _position_matches(key: PositionKey, layer: LayerInfo) -> bool:
         start = _index(key[0], layer.count, 0)
         stop = _index(key[1], layer.count, layer.count)
         return start <= layer.index < stop
-    raise ValueError(f"unknown position {key!r}: use 'first', 'last', an index or a (start, stop) range")
+    raise ValueError(f"unknown position {key!r}: use 'first', 'pixels', 'last', an index or a (start, stop) range")
 
 
 # --------------------------------------------------------------------------- named composites
@@ -132,7 +143,7 @@ def _epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, **_: Any) -> 
 
 def _epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, **_: Any) -> Composite:
     comp = _epsilon_plus(epsilon, stabilizer)
-    comp.by_position = {"first": Flat(stabilizer)}
+    comp.by_position = {"pixels": Flat(stabilizer)}
     comp.name = "epsilon-plus-flat"
     return comp
 
@@ -162,9 +173,11 @@ def _epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, **_: 
 def _layered(low: Optional[Bound] = None, high: Optional[Bound] = None, gamma: float = 0.25,
              epsilon: float = 0.25, stabilizer: float = 1e-6, **_: Any) -> Composite:
     """Montavon et al. 2019 ("LRP: an overview"), section 10.3: z^B (or w^2 without bounds) at the input,
-    gamma in the lower third of the layers, epsilon in the middle third, LRP-0 in the top third."""
-    first = ZBox(low, high, stabilizer) if low is not None and high is not None else WSquare(stabilizer)
-    return Composite(by_position={"first": first, (0.0, 1 / 3): Gamma(gamma, stabilizer),
+    gamma in the lower third of the layers, epsilon in the middle third, LRP-0 in the top third. w^2 ignores
+    the input's values, so it applies to image inputs only ("pixels"); z^B applies to any input ("first")."""
+    first = {"first": ZBox(low, high, stabilizer)} if low is not None and high is not None \
+        else {"pixels": WSquare(stabilizer)}
+    return Composite(by_position={**first, (0.0, 1 / 3): Gamma(gamma, stabilizer),
                                   (1 / 3, 2 / 3): Epsilon(epsilon), (2 / 3, None): LRP0()},
                      default=LRP0(), name="layered")
 
@@ -188,7 +201,8 @@ def composite(name: str, *, maxpool: str = "max", attention: str = "attnlrp", **
     attention weights fixed (CP-LRP) instead of the AttnLRP rules.
     Names: ``lrp0``, ``epsilon``, ``epsilon-plus``, ``epsilon-plus-flat``, ``epsilon-gamma-box``,
     ``epsilon-alpha2-beta1`` (the Zennit composites of the same name, same defaults) and ``layered``
-    (Montavon et al. 2019: gamma low, epsilon middle, LRP-0 top, z^B or w^2 at the input).
+    (Montavon et al. 2019: gamma low, epsilon middle, LRP-0 top, z^B or w^2 at the input). Flat
+    (``epsilon-plus-flat``) and w^2 (``layered`` without bounds) apply only to image inputs (``"pixels"``).
     """
     key = name.lower().replace("_", "-")
     if key not in COMPOSITES:

@@ -15,3 +15,19 @@ class RuleError(LRPError):
 
 class TargetError(LRPError, ValueError):
     """The requested target or start relevance does not fit the model output."""
+
+
+class ModelError(LRPError, ValueError):
+    """A model spec, its weights or its class names cannot be loaded or do not fit together."""
+
+
+class InputError(LRPError, ValueError):
+    """An input (file, array, picture) cannot be used: missing, unreadable, or of a shape the model does not read."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line for a person: lrp's own messages as they are, others with their type."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, LRPError):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -177,6 +177,8 @@ class Trace:
         self.routed: dict[int, tuple[Tensor, Callable[[Tensor], Tensor], Tensor]] = {}
         if x.is_floating_point():
             self.routed[id(x)] = (x, _identity, x)
+        # an image: channels plus 2 or 3 spatial dimensions (what the "pixels" position key needs)
+        self.image_input = x.is_floating_point() and x.ndim in (4, 5)
         self.stale: dict[int, tuple[Tensor, Tensor]] = {}
         self.stack: list[tuple[str, torch.nn.Module, Any, Any]] = []
         self.names = {module: name for name, module in model.named_modules()}
@@ -188,6 +190,9 @@ class Trace:
         self.nonnegative: dict[int, Tensor] = {}  # tensors known to be >= 0 by how they were made
         self.gates: dict[int, Tensor] = {}  # outputs of sigmoid-like activations (and their re-indexings)
         self.softmaxes: dict[int, tuple[Tensor, SoftmaxRecord]] = {}
+        # outputs of possible output heads (sigmoid, softmax / log-softmax over dim 1 of a 2-D input) and their
+        # pure reshapes: id -> (tensor, head kind, the head's input)
+        self.heads: dict[int, tuple[Tensor, str, Tensor]] = {}
         self.token_leaves: list[Tensor] = []  # embedding outputs when the model input is token ids
         self._cache: dict = {}
         self._keep: list = []  # tensors whose ids are used as keys
@@ -278,6 +283,8 @@ class Trace:
             out = IdentityRuleFunction.apply(args[0], lambda t: func(t, *rest, **kwargs))
             if name in optable.GATES:
                 self.gates[id(out)] = out
+            if name in optable.HEADS:
+                self._mark_head(name, args[0], args[1] if len(args) > 1 else kwargs.get("dim"), out)
             return out
         if name in optable.MAXPOOL and self.composite.maxpool == "average":
             return self._max_as_average(name, func, args, kwargs)
@@ -291,6 +298,10 @@ class Trace:
             if name in optable.ROUTE:
                 self._mark_routed(func, args, kwargs, out, grad_args)
                 self._follow(grad_args, out)
+            if name in optable.RESHAPE and len(grad_args) == 1 and id(grad_args[0]) in self.heads \
+                    and isinstance(out, Tensor):
+                _, kind, head_input = self.heads[id(grad_args[0])]
+                self.heads[id(out)] = (out, kind, head_input)
             if name in optable.NONNEGATIVE_OUTPUT or (
                     name in optable.KEEPS_SIGN and all(id(t) in self.nonnegative for t in grad_args)
                     and not any(isinstance(v, (int, float)) and v < 0 for v in args[1:])):
@@ -355,6 +366,27 @@ class Trace:
         if source in self.softmaxes:
             for t in _tensors(out):
                 self.softmaxes[id(t)] = (t, self.softmaxes[source][1])
+
+    def _mark_head(self, name: str, x: Tensor, dim: Any, out: Tensor) -> None:
+        """Remember ``out`` as a possible output head: any sigmoid; a softmax or log-softmax only over the class
+        dimension of a (batch, classes) input (a softmax elsewhere, e.g. inside attention, is no head)."""
+        if name != "sigmoid":
+            if dim is None:  # F.softmax's implicit dimension: 1 for a 2-D input
+                dim = 0 if x.ndim in (0, 1, 3) else 1
+            if x.ndim != 2 or dim not in (1, -1):
+                return
+        self.heads[id(out)] = (out, name, x)
+
+    def head_of(self, out: Tensor) -> Optional[tuple[str, Tensor]]:
+        """``(kind, logits)`` when the model output ``out`` is a head's output (or a pure reshape of it);
+        ``logits``, the head's input reshaped like ``out``, is still part of the autograd graph."""
+        entry = self.heads.get(id(out))
+        if entry is None or entry[0] is not out:
+            return None
+        _, kind, head_input = entry
+        if kind != "sigmoid" and (out.ndim != 2 or head_input.shape != out.shape):
+            return None  # a softmax head only when the output is (batch, classes)
+        return kind, head_input.reshape(out.shape)
 
     def _mark_routed(self, func: Callable, args: tuple, kwargs: dict, out: Any, grad_args: list) -> None:
         """Remember how to re-derive ``out`` from the model input when it is a re-indexing of it."""
@@ -525,6 +557,7 @@ class Trace:
         record = SoftmaxRecord()
         out = SoftmaxFunction.apply(x, dim, lambda t: func(t, *args[1:], **kwargs), record)
         self.softmaxes[id(out)] = (out, record)
+        self._mark_head("softmax", x, dim, out)
         return out
 
     def _linearized(self, func: Callable, args: tuple, kwargs: dict, linear: Callable[[Tensor], Tensor],
@@ -627,15 +660,18 @@ class Trace:
                     and (layer.kind == "conv" or len(bn.broadcast_shape) == 1)):
                 layer.bn, bn.fused = bn, True
         count = len(self.layers)
-        if (self.layers and "first" in self.composite.by_position and self.x.is_floating_point()
+        positions = self.composite.by_position
+        key = "pixels" if "pixels" in positions and self.image_input else "first" if "first" in positions else None
+        if (self.layers and key is not None and self.x.is_floating_point()
                 and not any(layer.reads_input for layer in self.layers)):
             warnings.warn(
-                f"the composite's first-layer rule {self.composite.by_position['first']!r} applies to layers that read "
+                f"the composite's first-layer rule {positions[key]!r} applies to layers that read "
                 f"the model input, but in this model the input passes through other ops first (e.g. a normalisation "
                 f"inside forward), so no layer gets it; the other rules apply. Move preprocessing out of the model "
                 f"to use input rules.", stacklevel=4)
         for layer in self.layers:
-            info = LayerInfo(layer.name, layer.module, layer.kind, layer.index, count, layer.reads_input)
+            info = LayerInfo(layer.name, layer.module, layer.kind, layer.index, count, layer.reads_input,
+                             self.image_input)
             layer.rule = self.composite.rule_for(info)
             if layer.rule.direct and not layer.reads_input:
                 raise RuleError(
@@ -657,7 +693,7 @@ class Trace:
             bn.producer = None
         for container in (self.layers, self.batchnorms, self._keep, self.token_leaves):
             container.clear()
-        for mapping in (self.produced, self.routed, self.stale, self.gates, self.softmaxes, self._cache,
+        for mapping in (self.produced, self.routed, self.stale, self.gates, self.softmaxes, self.heads, self._cache,
                         self.direct, self.nonnegative):
             mapping.clear()
         self.stack.clear()

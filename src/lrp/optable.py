@@ -57,6 +57,12 @@ softsign tanhshrink logsigmoid log_softmax
 GATES = frozenset("sigmoid hardsigmoid".split())
 ELEMENTWISE_PRODUCT = frozenset("mul __mul__ __rmul__ multiply".split())
 
+# output heads: a model whose output is one of these (over the class dimension, for the softmaxes), possibly
+# followed by pure reshapes, is explained from the head's input (the logits)
+HEADS = frozenset("sigmoid softmax log_softmax".split())
+# re-indexings that keep the elements in order (``t.reshape(shape)`` undoes them)
+RESHAPE = frozenset("view reshape view_as reshape_as flatten unflatten squeeze unsqueeze contiguous clone".split())
+
 MAXPOOL = frozenset("""
 max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices
 adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d adaptive_max_pool1d_with_indices

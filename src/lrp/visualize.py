@@ -5,11 +5,11 @@ Colour maps are symmetric around zero: with ``bwr`` positive relevance is red, n
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -95,17 +95,48 @@ def _image_array(image: Union[Image.Image, ArrayLike]) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
+def _stretch(gray: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Contrast-stretch to [0, 1] between the ``low`` and ``high`` percentiles (robust to a few outliers); falls
+    back to the full range when the percentiles coincide (e.g. a mostly black scan), and leaves a constant image
+    as it is."""
+    lo, hi = (float(v) for v in np.percentile(gray, [low, high]))
+    if hi <= lo:
+        lo, hi = float(gray.min()), float(gray.max())
+    if hi <= lo:
+        return gray
+    return np.clip((gray - lo) / (hi - lo), 0.0, 1.0)
+
+
 def overlay(image: Union[Image.Image, ArrayLike], relevance: ArrayLike, cmap: str = "bwr", *,
-            alpha: float = 0.6, vmax: Optional[float] = None, percentile: float = 100.0) -> Image.Image:
-    """The heatmap blended over a grayscale version of ``image``; the heatmap's weight grows with |relevance|."""
-    base = _image_array(image).mean(-1, keepdims=True)
+            alpha: float = 0.75, vmax: Optional[float] = None, percentile: float = 100.0, gamma: float = 0.5,
+            stretch: Optional[tuple[float, float]] = (1.0, 99.0),
+            base_range: Optional[tuple[float, float]] = (0.3, 0.9)) -> Image.Image:
+    """The heatmap blended over a grayscale version of ``image``, readable on dark (e.g. MRI) and light images.
+
+    The grayscale base is contrast-stretched between the ``stretch`` percentiles and then lifted into
+    ``base_range`` (a light range, so that red and blue show over black parts too); where relevance is zero the
+    result is this lightened image. Relevance is scaled to [-1, 1] as in :func:`heatmap` (``vmax``,
+    ``percentile``) and shown on the compressed scale ``t = sign(r) * |r| ** gamma``: the colour is ``cmap(t)``
+    and its weight ``alpha * |t|``, so that moderate relevance stays visible (``gamma < 1``).
+    ``alpha=0.6, gamma=1, stretch=None, base_range=None`` gives the plain blend of earlier versions."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
+    base = _image_array(image).mean(-1)
     r = _scale(relevance_map(relevance), vmax, percentile)
-    if r.shape != base.shape[:2]:
-        raise ValueError(f"relevance map {r.shape} and image {base.shape[:2]} differ in size")
-    colour = colorize(r, cmap).astype(np.float64) / 255.0
-    weight = alpha * np.abs(r)[..., None]
-    blended = (1 - weight) * base + weight * colour
-    return Image.fromarray(np.round(blended * 255).astype(np.uint8))
+    if r.shape != base.shape:
+        raise ValueError(f"relevance map {r.shape} and image {base.shape} differ in size")
+    if stretch is not None:
+        base = _stretch(base, *stretch)
+    if base_range is not None:
+        low, high = base_range
+        base = low + (high - low) * base
+    t = np.sign(r) * np.abs(r) ** gamma
+    colour = colorize(t, cmap).astype(np.float64) / 255.0
+    weight = alpha * np.abs(t)[..., None]
+    blended = (1 - weight) * base[..., None] + weight * colour
+    return Image.fromarray(np.round(np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8))
 
 
 def token_html(tokens: list[str], relevance: ArrayLike, cmap: str = "bwr", *, vmax: Optional[float] = None) -> str:
@@ -124,21 +155,131 @@ def token_html(tokens: list[str], relevance: ArrayLike, cmap: str = "bwr", *, vm
     return '<div style="line-height: 1.8; font-family: sans-serif">' + " ".join(spans) + "</div>"
 
 
+def is_multiband(shape: Union[Sequence[int], ArrayLike], *, max_channels: int = 3) -> bool:
+    """Whether one sample's relevance of this shape (or this array's shape) is best shown band by band with
+    :func:`channel_grid` rather than as one heatmap: ``(C, H, W)`` with more than ``max_channels`` channels
+    (e.g. 30 spectral bands; 1-3 channels are grayscale/RGB and get one summed map), or a cube
+    ``(C, D, H, W)`` with more than one band ``D`` (a Conv3d input). A leading batch axis of 1 on a 5D shape is
+    ignored; a 4D shape is taken as ``(C, D, H, W)``, not as a batch."""
+    shape = tuple(int(n) for n in getattr(shape, "shape", shape))
+    while len(shape) > 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) == 3:
+        return shape[0] > max_channels
+    if len(shape) == 4:
+        return shape[1] > 1
+    return False
+
+
+def _font(size: int) -> Union[ImageFont.ImageFont, ImageFont.FreeTypeFont]:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom
+
+
 def channel_grid(relevance: ArrayLike, cmap: str = "bwr", *, columns: Optional[int] = None, scale: int = 4,
-                 vmax: Optional[float] = None, gap: int = 2) -> Image.Image:
-    """One heatmap per channel (e.g. per spectral band) of a ``(C, H, W)`` relevance, on one shared colour
-    scale so that bands can be compared; laid out in a grid, each map enlarged ``scale`` times."""
+                 vmax: Optional[float] = None, percentile: float = 100.0, gap: int = 2, axis: int = -3,
+                 labels: Union[bool, Sequence[str]] = True, colorbar: bool = True,
+                 font_size: int = 11) -> Image.Image:
+    """One heatmap per band, laid out in a grid, on one shared symmetric colour scale so that bands compare.
+
+    ``relevance`` is one sample: ``(C, H, W)`` (one tile per channel, e.g. 30 spectral bands), a cube
+    ``(C, D, H, W)`` of a Conv3d model (summed over ``C``, one tile per band ``D``), or either with a leading
+    batch axis of 1 on a 5D array. ``axis`` says which axis holds the bands (default ``-3``, the one before
+    ``H, W``: ``C`` of a ``(C, H, W)``, ``D`` of a ``(C, D, H, W)``); all other axes but ``H, W`` are summed.
+    Each map is enlarged ``scale`` times; ``columns`` defaults to about the square root of the band count.
+
+    ``labels``: ``True`` draws "band k" (or just "k" where that does not fit) above each tile in PIL's default
+    font; a sequence of strings (e.g. wavelengths) gives one label per band; ``False`` draws none.
+    ``colorbar`` adds a colour bar under the grid with the shared scale's values ``-vmax, 0, +vmax`` (``vmax``
+    defaults to the largest magnitude over all bands, or its ``percentile``). The returned image's ``info``
+    holds ``"tiles"``, each tile's box ``(left, top, right, bottom)`` in band order, and ``"vmax"``."""
     r = _to_numpy(relevance)
-    while r.ndim > 3 and r.shape[0] == 1:
-        r = r[0]
-    if r.ndim != 3:
-        raise ValueError(f"channel_grid needs relevance shaped (C, H, W); got {r.shape}")
-    c, h, w = r.shape
-    columns = columns or int(np.ceil(np.sqrt(c)))
-    rows = int(np.ceil(c / columns))
-    scaled = _scale(r, vmax, 100.0)  # shared scale across channels
-    grid = Image.new("RGB", (columns * (w * scale + gap) - gap, rows * (h * scale + gap) - gap), "white")
-    for k in range(c):
-        tile = Image.fromarray(colorize(scaled[k], cmap)).resize((w * scale, h * scale), Image.NEAREST)
-        grid.paste(tile, ((k % columns) * (w * scale + gap), (k // columns) * (h * scale + gap)))
+    given = r.shape
+    if r.ndim < 3:
+        raise ValueError(f"channel_grid needs one sample's relevance shaped (C, H, W) or (C, D, H, W); "
+                         f"got {given}")
+    if not -r.ndim <= axis < r.ndim or axis % r.ndim >= r.ndim - 2:
+        raise ValueError(f"axis {axis} does not hold bands in relevance of shape {given}; use an axis before "
+                         f"the last two (H, W)")
+    axis = axis % r.ndim  # counted in the array as given, before a batch axis of 1 is dropped
+    while r.ndim > 4 and r.shape[0] == 1:
+        r, axis = r[0], axis - 1
+    if r.ndim not in (3, 4):
+        raise ValueError(f"channel_grid needs one sample's relevance shaped (C, H, W) or (C, D, H, W); "
+                         f"got {given}")
+    if axis < 0:
+        raise ValueError(f"axis {axis + len(given) - r.ndim} of relevance shaped {given} is its batch axis; "
+                         f"give the axis that holds the bands")
+    r = np.moveaxis(r, axis, 0)
+    if r.ndim == 4:
+        r = r.sum(1)
+    bands, h, w = r.shape
+    if isinstance(labels, bool):
+        texts = [f"band {k}" for k in range(bands)] if labels else None
+    else:
+        texts = [str(t) for t in labels]
+        if len(texts) != bands:
+            raise ValueError(f"{len(texts)} labels for {bands} bands; give one label per band")
+    if vmax is None:
+        magnitude = np.abs(r)
+        vmax = float(np.percentile(magnitude, percentile)) if percentile < 100 else float(magnitude.max())
+    scaled = _scale(r, vmax, 100.0)  # shared scale across bands
+
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    tile_w, tile_h = w * scale, h * scale
+    label_w = label_h = 0
+    if texts is not None:
+        if labels is True and max(_text_size(measure, t, font)[0] for t in texts) > tile_w - 2:
+            texts = [str(k) for k in range(bands)]  # small tiles: the bare band numbers
+        label_w = max(_text_size(measure, t, font)[0] for t in texts)
+        label_h = max(_text_size(measure, t, font)[1] for t in texts + ["band 0"]) + 3
+    pad = 1  # room for the frame around the tiles on the image's edges
+    columns = max(1, min(columns or int(np.ceil(np.sqrt(bands))), bands))
+    rows = int(np.ceil(bands / columns))
+    cell_w, cell_h = max(tile_w, label_w + 4 if texts is not None else 0), label_h + tile_h
+    grid_w = 2 * pad + columns * cell_w + (columns - 1) * gap
+    grid_h = 2 * pad + rows * cell_h + (rows - 1) * gap
+
+    bar_h = bar_w = 0
+    if colorbar:
+        ticks = [f"{-vmax:.3g}", "0", f"+{vmax:.3g}"]
+        tick_w = [_text_size(measure, t, font)[0] for t in ticks]
+        text_h = max(_text_size(measure, t, font)[1] for t in ticks)
+        bar_w = max(min(grid_w - 2 * pad, 240), sum(tick_w) + 24)
+        bar_h = 6 + 10 + 2 + text_h + 3
+    width = max(grid_w, bar_w + 2 * pad)
+    grid = Image.new("RGB", (width, grid_h + bar_h), "white")
+    draw = ImageDraw.Draw(grid)
+    boxes = []
+    for k in range(bands):
+        x, y = pad + (k % columns) * (cell_w + gap), pad + (k // columns) * (cell_h + gap)
+        if texts is not None:
+            tw = _text_size(measure, texts[k], font)[0]
+            draw.text((x + (cell_w - tw) // 2, y), texts[k], fill=(30, 30, 30), font=font)
+        left, top = x + (cell_w - tile_w) // 2, y + label_h
+        boxes.append((left, top, left + tile_w, top + tile_h))
+    for left, top, right, bottom in boxes:  # a light frame, so that white (irrelevant) tiles show their extent
+        draw.rectangle((left - 1, top - 1, right, bottom), outline=(200, 200, 200))
+    for k, (left, top, _, _) in enumerate(boxes):
+        tile = Image.fromarray(colorize(scaled[k], cmap)).resize((tile_w, tile_h), Image.NEAREST)
+        grid.paste(tile, (left, top))
+    if colorbar:
+        x0, y0 = (width - bar_w) // 2, grid_h + 6
+        ramp = colorize(np.linspace(-1.0, 1.0, bar_w), cmap)
+        grid.paste(Image.fromarray(np.repeat(ramp[None], 10, 0)), (x0, y0))
+        draw.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + 10), outline=(120, 120, 120))
+        ty = y0 + 12
+        draw.text((x0, ty), ticks[0], fill=(30, 30, 30), font=font)
+        draw.text((x0 + (bar_w - tick_w[1]) // 2, ty), ticks[1], fill=(30, 30, 30), font=font)
+        draw.text((x0 + bar_w - tick_w[2], ty), ticks[2], fill=(30, 30, 30), font=font)
+    grid.info["tiles"] = boxes
+    grid.info["vmax"] = vmax
     return grid

@@ -11,6 +11,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .perturbation import class_scores
 from ..explain import TargetSpec, _select_output, _targets, _untouched
 from .complexity import entropy, sparseness
 from .features import PatchSpec
@@ -106,7 +107,7 @@ def compare(
     if not named:
         raise ValueError("compare needs at least one method")
     with _untouched(model, True), torch.no_grad():
-        idx = _targets(_select_output(model(x)), target)
+        idx = _targets(class_scores(model, x, _select_output(model(x))), target)
     rows, curves, heatmaps = [], {}, {}
     for name, spec in named.items():
         relevance_of = resolve_method(spec)

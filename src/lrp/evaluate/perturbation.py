@@ -155,6 +155,21 @@ class PerturbationCurve:
         return ((self.scores[:, 1:] + self.scores[:, :-1]) * 0.5 * widths).sum(1)
 
 
+def class_scores(model: torch.nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    """``out``, unless it is one logit per sample through a final sigmoid: ``explain`` reads such a model as a
+    binary classifier (class 0 explained from ``-z``), while the perturbation would track the sigmoid's output, so
+    the two would not match; ``ValueError`` then names the way out."""
+    if out.ndim == 2 and out.shape[1] >= 2 or out.ndim > 2:
+        return out
+    from ..explain import explain
+    if explain(model, x[:1], composite="epsilon").head == "sigmoid":
+        raise ValueError(f"evaluation tracks the explained class's score; this model gives one score per sample "
+                         f"{tuple(out.shape)} through a sigmoid, which lrp explains as a binary classifier (class 1 "
+                         f"from the logit z, class 0 from -z). Evaluate a wrapper whose forward returns the two "
+                         f"classes' logits, torch.cat([-z, z], 1)")
+    return out
+
+
 def perturbation_curve(
     model: torch.nn.Module,
     x: Tensor,
@@ -203,7 +218,7 @@ def perturbation_curve(
     n = x.shape[0]
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
     with _lock_for(model), _untouched(model, True), torch.no_grad():
-        out = _select_output(model(x))
+        out = class_scores(model, x, _select_output(model(x)))
         idx = _targets(out, target)
         scores[:, 0] = score_of(out, idx).double().cpu()
         pairs = torch.cartesian_prod(torch.arange(n), torch.arange(1, steps + 1)).to(x.device)

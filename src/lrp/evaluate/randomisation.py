@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..explain import TargetSpec, _select_output, _targets, _untouched
+from ..explain import TargetSpec, _select_output, _targets, _untouched, explain
 from .methods import MethodSpec, method_name, resolve_method
 from .similarity import SIMILARITIES
 
@@ -129,7 +129,11 @@ def randomisation_check(
         raise ValueError(f"no module named {missing[0]!r} in the model; module names look like "
                          f"{[n for n in names if n][:4]}")
     with _untouched(model, True), torch.no_grad():
-        idx = _targets(_select_output(model(x)), target)
+        out = _select_output(model(x))
+    if out.ndim == 2 and out.shape[1] >= 2 or out.ndim > 2:
+        idx = _targets(out, target)
+    else:  # one score: the class lrp.explain explains (a binary sigmoid head: the predicted one of two)
+        idx = explain(model, x, target, composite="epsilon").target
     reference = relevance_of(model, x, idx)
 
     def prepare(heatmap: Tensor) -> Tensor:

@@ -115,7 +115,7 @@ def _model_info(served: ServedModel) -> ModelInfo:
     pre = served.pre
     return ModelInfo(
         name=served.name, kind=served.loaded.kind,
-        input_shape=list(served.input_shape) if served.input_shape else None,
+        input_shape=list(served.input_shape) if served.input_shape and None not in served.input_shape else None,
         num_classes=served.num_classes, classes=served.classes, drawable=served.drawable,
         composites=list(service.COMPOSITES), default_composite=service.DEFAULT_COMPOSITE,
         preprocessing=PreprocessingInfo(size=pre.size, crop=pre.crop, mean=list(pre.mean) if pre.mean else None,

@@ -6,13 +6,14 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from ..composites import COMPOSITES
+
 Preprocessing = Literal["model", "digit"]
 
 
 DESCRIPTIONS = {
     "model": "name of a served model (GET /api/models); default: the first",
-    "composite": "LRP composite: lrp0, epsilon, epsilon-plus, epsilon-plus-flat, epsilon-gamma-box, "
-                 "epsilon-alpha2-beta1 or layered",
+    "composite": "LRP composite: " + ", ".join(COMPOSITES),
     "target": "class to explain: a class index or name; none or 'pred' for the predicted class",
     "preprocess": "'model': the model's preprocessing (as `lrp explain`); 'digit': like MNIST (the ink's bounding "
                   "box scaled to 20x20, its centre of mass at the centre of 28x28), for white-on-black drawings "
