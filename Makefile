@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is large: install it once into the venv; this pair is the one the project is tested with
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup browser test demo bench coverage clean
+.PHONY: setup browser lint test demo bench coverage clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ browser:
 		echo "no /usr/bin/chromium (installing it needs root and apt-get): the browser tests will be skipped"; \
 	fi
 
-test: setup browser
+# ruff and mypy on the package, then the test suite
+lint: setup
+	$(PY) -m ruff check src/lrp
+	$(PY) -m mypy
+
+test: setup browser lint
 	$(PY) -m pytest
 
 demo: setup

@@ -39,8 +39,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         value = value.repeat_interleave(repeat, dim=-3)
     scores = torch.matmul(query * scale, key.transpose(-2, -1))
     if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        scores = scores + _additive_mask(causal, scores.dtype)
+        causal = _additive_mask(torch.ones(L, S, dtype=torch.bool, device=query.device).tril(), scores.dtype)
+        assert causal is not None
+        scores = scores + causal
     mask = _additive_mask(attn_mask, scores.dtype)
     if mask is not None:
         scores = scores + mask

@@ -158,6 +158,7 @@ def _need_bounds(name: str, low: Optional[Bound], high: Optional[Bound]) -> None
 def _epsilon_gamma_box(low: Optional[Bound] = None, high: Optional[Bound] = None, epsilon: float = 1e-6,
                        gamma: float = 0.25, stabilizer: float = 1e-6, **_: Any) -> Composite:
     _need_bounds("epsilon-gamma-box", low, high)
+    assert low is not None and high is not None
     return Composite(by_type={"conv": Gamma(gamma, stabilizer), "conv_transpose": Gamma(gamma, stabilizer),
                               "linear": Epsilon(epsilon)},
                      by_position={"first": ZBox(low, high, stabilizer)},

@@ -71,7 +71,8 @@ def run(out_dir: str | Path = "lrp-demo", correct: int = 10, wrong: int = 4, log
     size = (28 * SCALE, 28 * SCALE)
     for i in range(len(x)):
         status = "correct" if pred[i] == y[i] else "WRONG"
-        digit = Image.fromarray(np.uint8(255 - x[i, 0].numpy() * 255)).resize(size, Image.NEAREST).convert("RGB")
+        digit = Image.fromarray(np.uint8(255 - x[i, 0].numpy() * 255))
+        digit = digit.resize(size, Image.Resampling.NEAREST).convert("RGB")
         row = [_label(digit, f"label {int(y[i])} ({status})")]
         cells = [f"<td><img src='digit_{i}.png'><br>label {int(y[i])}, predicted {int(pred[i])} "
                  f"({probs[i, pred[i]]:.0%}) <b>{status}</b></td>"]

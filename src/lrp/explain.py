@@ -12,6 +12,7 @@ import torch
 
 from .composites import Composite, resolve
 from .errors import LRPError, TargetError
+from .functions import restore, to_working, working_dtype
 from .graph import Trace
 
 Tensor = torch.Tensor
@@ -54,8 +55,13 @@ class Explanation:
             self._output_head = self.head
 
     @property
+    def _z(self) -> Tensor:
+        """The scores the relevance started from (``logits``, or the output)."""
+        return self.logits if self.logits is not None else self.output
+
+    @property
     def _binary(self) -> bool:
-        z = self.logits
+        z = self._z
         return self.head == "sigmoid" and (z.ndim == 1 or (z.ndim == 2 and z.shape[1] == 1))
 
     @property
@@ -64,16 +70,17 @@ class Explanation:
         other one-score outputs, ``None`` for other shapes."""
         if self._binary:
             return 2
-        if self.logits.ndim == 1:
+        z = self._z
+        if z.ndim == 1:
             return 1
-        return int(self.logits.shape[1]) if self.logits.ndim == 2 else None
+        return int(z.shape[1]) if z.ndim == 2 else None
 
     @property
     def probabilities(self) -> Optional[Tensor]:
         """(batch, num_classes) class probabilities: ``[1 - p, p]`` for a binary sigmoid head, the softmax of the
         logits for K >= 2 classes (per-class sigmoids for a multi-label sigmoid head); ``None`` otherwise."""
         k = self.num_classes
-        z = self.logits.detach()
+        z = self._z.detach()
         if self._binary:
             p = torch.sigmoid(z.reshape(-1))
             return torch.stack([1 - p, p], 1)
@@ -89,9 +96,9 @@ class Explanation:
         """(batch,) predicted classes (long): argmax of the logits, or ``z > 0`` for a binary sigmoid head;
         ``None`` for one-score and other outputs."""
         if self._binary:
-            return (self.logits.detach().reshape(-1) > 0).long()
+            return (self._z.detach().reshape(-1) > 0).long()
         k = self.num_classes
-        return self.logits.detach().argmax(1) if k is not None and k >= 2 else None
+        return self._z.detach().argmax(1) if k is not None and k >= 2 else None
 
 
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
@@ -226,6 +233,7 @@ def _start(out: Tensor, idx: Optional[Tensor], start: StartSpec, head: Optional[
     if not isinstance(start, str) or start not in ("score", "unit", "prob"):
         raise TargetError(f"start must be 'score', 'unit', 'prob' or a tensor shaped like the output; got {start!r}")
     if binary:
+        assert idx is not None  # a binary head always has one class per sample
         signed = out * _sign(out, idx)  # the explained class's log-odds: z for class 1, -z for class 0
         return signed if start == "score" else torch.ones_like(out) if start == "unit" else torch.sigmoid(signed)
     if idx is None:
@@ -250,7 +258,9 @@ def _output_gradient(out: Tensor, idx: Optional[Tensor], relevance: Tensor, star
             return _sign(out, idx).clone()
         return torch.zeros_like(out).scatter_(1, idx[:, None], 1.0)
     tiny = torch.finfo(out.dtype).tiny ** 0.5
-    return relevance / torch.where(out == 0, torch.full_like(out, tiny), out)
+    dtype = working_dtype(out)  # divided in float32 for a half-precision output; no inf when cast back
+    den = to_working(out, dtype)
+    return restore(to_working(relevance, dtype) / torch.where(den == 0, torch.full_like(den, tiny), den), out.dtype)
 
 
 def explain(
@@ -285,7 +295,14 @@ def explain(
         eval_mode: run the model in eval mode (BatchNorm statistics fixed, dropout off); restored afterwards.
 
     Returns:
-        An :class:`Explanation`; ``.relevance`` has the shape of ``x``.
+        An :class:`Explanation`; ``.relevance`` has the shape of ``x``, and the input's dtype, except that a
+        float16 or bfloat16 input (or a model held in half precision, for token ids) gives float32 relevance.
+
+    Mixed precision: ``explain`` works under ``torch.autocast`` and on models held in float16/bfloat16 (with an
+    input of that dtype). The forward runs as the model runs it; the rules never compute in half precision:
+    every layer rule, stabilised denominator and ratio is computed in float32 with autocast off and cast back
+    where autograd needs the activation's dtype (clamped to its finite range, so float16 gives no ``inf``).
+    ``output``, ``logits`` and ``start`` keep the model's dtype.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -366,14 +383,16 @@ def _input_relevance(trace: Trace, roots: list, grads: list, tokens: bool, x: Te
     """``root * g`` plus what input rules gave the root directly; for token ids summed over the embedding."""
     relevance = None
     for root, g in zip(roots, grads):
-        r = torch.zeros_like(root) if g is None else root.detach() * g
+        dtype = working_dtype(root)  # float32 for half-precision inputs (see explain's docstring)
+        r = (torch.zeros_like(root, dtype=dtype) if g is None
+             else to_working(root.detach(), dtype) * to_working(g, dtype))
         if id(root) in trace.direct:
             r = r + trace.direct[id(root)]
         if tokens:
             r = r.sum(-1)
         relevance = r if relevance is None else relevance + r
     if relevance is None:
-        relevance = torch.zeros(x.shape, dtype=out.dtype, device=x.device)
+        relevance = torch.zeros(x.shape, dtype=working_dtype(x if x.is_floating_point() else out), device=x.device)
     return relevance.detach()
 
 

@@ -2,15 +2,60 @@
 
 The forward of each is the original computation, so the model's output is unchanged; only the backward
 differs from the plain gradient.
+
+Precision: a backward never computes in half precision. It runs with autocast off (for the device of its
+tensors) and in :func:`working_dtype` (float32 for float16/bfloat16 tensors, float64 stays float64), and
+casts its result back to the dtype of the input it belongs to, clamped to that dtype's finite range. So a
+model under ``torch.autocast`` or held in bfloat16/float16 gets the same rules as in float32, and the result
+does not depend on whether the autograd engine propagates the autocast state to the thread that runs the
+backward (on CUDA it does not, and mixed-dtype convolutions in a rule would fail).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 Tensor = torch.Tensor
+
+
+def working_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype relevance is computed in: float64 if any floating-point tensor given is float64, else float32
+    (float16 and bfloat16 lack the range and precision for the rules' sums and stabilised divisions)."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def to_working(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
+
+
+def restore(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` cast to ``dtype`` (the dtype autograd expects), clamped to its finite range when ``dtype`` is
+    narrower: a modified gradient too large for float16 becomes its largest value, not ``inf`` (whose product
+    with a zero activation would be ``nan``)."""
+    if t.dtype == dtype:
+        return t
+    if t.is_floating_point() and torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        big = torch.finfo(dtype).max
+        t = t.clamp(-big, big)
+    return t.to(dtype)
+
+
+@contextmanager
+def no_autocast(device_type: str) -> Iterator[None]:
+    """Autocast off for ``device_type`` (taken from the tensors; nothing to do where autocast does not exist)."""
+    try:
+        context = torch.autocast(device_type, enabled=False)
+    except (RuntimeError, ValueError, AssertionError):  # a device type without autocast (e.g. "meta")
+        yield
+        return
+    with context:
+        yield
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -32,8 +77,12 @@ class LayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor):
         a, z = ctx.saved_tensors
-        g_a = ctx.record.trace.layer_backward(ctx.record, a, z, g)
-        return g_a, None, None, None
+        record = ctx.record
+        dtype = working_dtype(a, z, g, record.weight)
+        with no_autocast(a.device.type):
+            g_a = record.trace.layer_backward(record, to_working(a, dtype), to_working(z, dtype),
+                                              to_working(g, dtype))
+        return (None if g_a is None else restore(g_a, a.dtype)), None, None, None
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -42,15 +91,17 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, compute: Callable[[Tensor], Tensor], record: Any) -> Tensor:
-        ctx.record = record
+        ctx.record, ctx.dtype = record, x.dtype
         return compute(x)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
         record = ctx.record
         if record.fused:
-            return g, None, None
-        return g * record.scale.reshape(record.broadcast_shape), None, None
+            return restore(g, ctx.dtype), None, None
+        dtype = working_dtype(g, record.scale)
+        scale = to_working(record.scale, dtype).reshape(record.broadcast_shape)
+        return restore(to_working(g, dtype) * scale, ctx.dtype), None, None
 
 
 class IdentityRuleFunction(torch.autograd.Function):
@@ -65,7 +116,10 @@ class IdentityRuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor):
         x, y = ctx.saved_tensors
-        return _safe_ratio(g * y, x), None
+        dtype = working_dtype(x, y, g)
+        with no_autocast(x.device.type):
+            g_x = _safe_ratio(to_working(g, dtype) * to_working(y, dtype), to_working(x, dtype))
+        return restore(g_x, x.dtype), None
 
 
 class MaxAsAveragePoolFunction(torch.autograd.Function):
@@ -84,11 +138,13 @@ class MaxAsAveragePoolFunction(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor):
         from .rules import stabilize
         x, y = ctx.saved_tensors
-        with torch.enable_grad():
-            x_ = x.detach().requires_grad_(True)
+        dtype = working_dtype(x, y, g)
+        with torch.enable_grad(), no_autocast(x.device.type):
+            x_ = to_working(x.detach(), dtype).requires_grad_(True)
             mean = ctx.average(x_)
-            (g_x,) = torch.autograd.grad(mean, x_, g * y / stabilize(mean.detach(), 1e-12))
-        return g_x, None, None
+            u = to_working(g, dtype) * to_working(y, dtype) / stabilize(mean.detach(), 1e-12)
+            (g_x,) = torch.autograd.grad(mean, x_, u)
+        return restore(g_x, x.dtype), None, None
 
 
 class ModuleRuleFunction(torch.autograd.Function):
@@ -103,12 +159,16 @@ class ModuleRuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor):
         x, y = ctx.saved_tensors
-        relevance_in = ctx.rule.relevance(x, y, g * y)
-        if relevance_in.shape != x.shape:
-            from .errors import RuleError
-            raise RuleError(f"{ctx.rule!r} for module '{ctx.name}' returned relevance of shape "
-                            f"{tuple(relevance_in.shape)}; the module input has shape {tuple(x.shape)}")
-        return _safe_ratio(relevance_in, x), None, None, None
+        dtype = working_dtype(x, y, g)
+        with no_autocast(x.device.type):
+            x_, y_ = to_working(x, dtype), to_working(y, dtype)
+            relevance_in = ctx.rule.relevance(x_, y_, to_working(g, dtype) * y_)
+            if relevance_in.shape != x.shape:
+                from .errors import RuleError
+                raise RuleError(f"{ctx.rule!r} for module '{ctx.name}' returned relevance of shape "
+                                f"{tuple(relevance_in.shape)}; the module input has shape {tuple(x.shape)}")
+            g_x = _safe_ratio(to_working(relevance_in, dtype), x_)
+        return restore(g_x, x.dtype), None, None, None
 
 
 class ScaleGradientFunction(torch.autograd.Function):
@@ -140,9 +200,14 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor):
         x, y = ctx.saved_tensors
-        if ctx.record.attention:
-            return y * (g - (g * y).sum(ctx.dim, keepdim=True)), None, None, None
-        return _safe_ratio(g * y, x), None, None, None
+        dtype = working_dtype(x, y, g)
+        with no_autocast(x.device.type):
+            g, y_ = to_working(g, dtype), to_working(y, dtype)
+            if ctx.record.attention:
+                g_x = y_ * (g - (g * y_).sum(ctx.dim, keepdim=True))
+            else:
+                g_x = _safe_ratio(g * y_, to_working(x, dtype))
+        return restore(g_x, x.dtype), None, None, None
 
 
 class LinearizedFunction(torch.autograd.Function):
@@ -159,7 +224,9 @@ class LinearizedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor):
         (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            x_ = x.detach().requires_grad_(True)
-            (g_x,) = torch.autograd.grad(ctx.linear(x_), x_, g)
-        return g_x, None, None
+        dtype = working_dtype(x, g)
+        with torch.enable_grad(), no_autocast(x.device.type):
+            x_ = to_working(x.detach(), dtype).requires_grad_(True)
+            y = ctx.linear(x_)
+            (g_x,) = torch.autograd.grad(y, x_, g.to(y.dtype))
+        return restore(g_x, x.dtype), None, None

@@ -11,7 +11,9 @@ when the whole sequence of layers (and which BatchNorm follows which layer) is k
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -58,6 +60,46 @@ def _map(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
 
 def _needs_grad(obj: Any) -> bool:
     return any(t.requires_grad for t in _tensors(obj))
+
+
+_NO_GRADIENT = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout,
+                torch.memory_format)
+
+
+def _gradient_free(obj: Any) -> bool:
+    """Whether ``obj`` (an op's result) certainly carries no gradient: tensors that need none, numbers, shapes,
+    dtypes, ... (so the op only looked at its operands: ``x.shape``, ``x.dim()``, ``x.detach()``). Anything else
+    (an iterator over a tensor, an object lrp does not know) may, and counts as a use of the operands."""
+    if isinstance(obj, Tensor):
+        return not obj.requires_grad
+    if isinstance(obj, (list, tuple)):
+        return all(_gradient_free(item) for item in obj)
+    if isinstance(obj, dict):
+        return all(_gradient_free(item) for item in obj.values())
+    return isinstance(obj, _NO_GRADIENT)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _nonnegative_number(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, numbers.Real) and float(value) >= 0)  # NaN is not
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable form of an op parameter (lists become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    return value
+
+
+def _op_key(op: LinearOp) -> tuple:
+    """Everything that defines a linear op's map besides its weights: kind, dimensions, stride, padding,
+    dilation, groups, output padding (whatever fields ``LinearOp`` compares)."""
+    return tuple(_frozen(getattr(op, f.name)) for f in dataclasses.fields(op) if f.compare)
 
 
 @dataclass(eq=False)
@@ -164,6 +206,8 @@ def _decomposed(replacement: Callable) -> Callable:
 class Trace:
     """State of one ``explain`` call: the forward's layer records and the backward's results."""
 
+    _SPECIAL: dict[str, Callable[..., Any]]  # op name -> handler of an op with a rule of its own (set below)
+
     def __init__(self, model: torch.nn.Module, composite: Composite, x: Tensor, record_layers: bool):
         self.model = model
         self.composite = composite
@@ -212,6 +256,13 @@ class Trace:
                 self.trusted += 1
 
     def _post_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        result = self._module_rule(module, output)
+        if module is self.model:  # relevance starts at the model's output: a use of it
+            final = self._fresh(output if result is None else result)
+            self._consume((final, getattr(final, "logits", None)))
+        return result
+
+    def _module_rule(self, module: torch.nn.Module, output: Any) -> Any:
         name, _, rule, call_args = self.stack.pop()
         if rule is None:
             return None
@@ -228,6 +279,7 @@ class Trace:
             raise RuleError(f"{rule!r} registered for module '{name}' ({type(module).__name__}) needs a module with "
                             f"one input that depends on the model input and one tensor output; this call has "
                             f"{len(inputs)} such inputs and returns {type(output).__name__}")
+        self._consume(inputs)  # the ops inside ran without gradient: the rule is the input's one use here
         return ModuleRuleFunction.apply(inputs[0], output.detach(), rule, name)
 
     def where(self) -> str:
@@ -249,13 +301,28 @@ class Trace:
         return _map(obj, latest)
 
     def dispatch(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        if self.opaque:
+        """Every torch function the forward calls comes here. What the op does to the relevance is up to its
+        handler; what it does to the bookkeeping is done here, once, for every op and every handler: it counts as
+        a use of its operands (BatchNorm merging needs to know that a layer output feeds nothing else) and its
+        output may be known to be >= 0."""
+        args, kwargs = self._fresh(args), self._fresh(kwargs)
+        if self.opaque:  # inside a module with an opaque rule: no gradient (the rule's input is counted there)
             with torch.no_grad():
                 return func(*args, **kwargs)
-        if self.trusted:
-            return func(*args, **kwargs)
-        args, kwargs = self._fresh(args), self._fresh(kwargs)
         name = optable.op_name(func)
+        out = func(*args, **kwargs) if self.trusted else self._handle(name, func, args, kwargs)
+        if name == "__setitem__" or not _gradient_free(out):
+            self._consume((args, kwargs))
+        if self.trusted or not _needs_grad(out):
+            return out
+        name = optable.out_of_place(name)  # ``relu_``, ``x += y`` are run out of place, as ``relu``, ``x + y``
+        if name in optable.NONNEGATIVE_OUTPUT or self._keeps_nonnegative(name, args, kwargs):
+            for t in _tensors(out):
+                if t.is_floating_point():
+                    self.nonnegative[id(t)] = t
+        return out
+
+    def _handle(self, name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
         if name in optable.LAYERS:
             return self._layer(name, func, args, kwargs)
         if name == optable.BATCHNORM:
@@ -293,7 +360,6 @@ class Trace:
         out = func(*args, **kwargs)
         if not _needs_grad(out):
             return out
-        self._count_uses(grad_args)
         if name in optable.GRADIENT:
             if name in optable.ROUTE:
                 self._mark_routed(func, args, kwargs, out, grad_args)
@@ -302,12 +368,6 @@ class Trace:
                     and isinstance(out, Tensor):
                 _, kind, head_input = self.heads[id(grad_args[0])]
                 self.heads[id(out)] = (out, kind, head_input)
-            if name in optable.NONNEGATIVE_OUTPUT or (
-                    name in optable.KEEPS_SIGN and all(id(t) in self.nonnegative for t in grad_args)
-                    and not any(isinstance(v, (int, float)) and v < 0 for v in args[1:])):
-                for t in _tensors(out):
-                    if t.is_floating_point():
-                        self.nonnegative[id(t)] = t
             return out
         if name in optable.PRODUCT:
             return out
@@ -318,7 +378,6 @@ class Trace:
     def _product(self, name: str, func: Callable, args: tuple, kwargs: dict, grad_args: list) -> Any:
         """A product of activations: a gate (sigmoid-like factor) passes all relevance to the signal; otherwise
         the AttnLRP uniform rule gives each of the k factors 1/k of the product's relevance."""
-        self._count_uses(grad_args)
         weights = [t for t in grad_args if id(t) in self.softmaxes]
         for t in weights:
             self.softmaxes[id(t)][1].attention = True
@@ -349,11 +408,81 @@ class Trace:
             f"relevance passes through) or lrp.rules.Gradient() (linear or piecewise-linear through zero), or "
             f"subclass lrp.rules.ModuleRule.")
 
-    def _count_uses(self, tensors: list) -> None:
-        for t in tensors:
-            record = self.produced.get(id(t))
-            if record is not None:
-                record.uses += 1
+    def _consume(self, obj: Any) -> None:
+        """Count a use of each input-dependent tensor in ``obj``; a BatchNorm is merged into the layer before it
+        only if the layer's output has exactly one use, the BatchNorm. Called for every op (``dispatch``), for
+        the input of a module rule and for the model's output (where relevance starts): nothing else consumes
+        a tensor."""
+        for t in _tensors(obj):
+            if t.requires_grad:
+                record = self.produced.get(id(t))
+                if record is not None:
+                    record.uses += 1
+
+    # ------------------------------------------------------------------ signs
+    def _known_nonnegative(self, t: Tensor) -> bool:
+        """An input-dependent tensor is >= 0 if the ops that made it say so; any other tensor (a constant,
+        parameter or buffer: fixed during explain) if its values are."""
+        if t.requires_grad:
+            return id(t) in self.nonnegative
+        if t.dtype == torch.bool:
+            return True
+        if t.is_complex():
+            return False
+        return bool((t >= 0).all())  # NaN is not >= 0
+
+    def _keeps_nonnegative(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """Whether the output of op ``name`` is >= 0 because every operand that is a value is (see
+        ``optable.KEEPS_SIGN``). Cheap checks first: the values of constants are only looked at when every
+        input-dependent operand is already known to be >= 0."""
+        if name in optable.SUBTRACT or name in optable.DIVISION:
+            return self._difference_or_ratio_nonnegative(name, args, kwargs)
+        spec = optable.KEEPS_SIGN.get(name)
+        if spec is None:
+            return False
+        tensors, numbers_ = spec
+        values: list[Any]
+        if numbers_ == optable.ALL:
+            values = [v for v in (*args, *kwargs.values()) if isinstance(v, numbers.Number)]
+        else:
+            values = [args[i] if len(args) > i else kwargs.get(key) for i, key in numbers_]
+        if not all(v is None or _nonnegative_number(v) for v in values):
+            return False
+        if name in ("interpolate", "upsample"):
+            mode = args[3] if len(args) > 3 else kwargs.get("mode", "nearest")
+            if mode not in optable.RESAMPLING_KEEPS_SIGN:
+                return False
+        if tensors == optable.FIRST:
+            first = args[0] if args else kwargs.get("input", kwargs.get("self"))
+            operands = [first] if isinstance(first, Tensor) else []
+        else:
+            operands = list(_tensors((args, kwargs)))
+        if not operands or not all(self._known_nonnegative(t) for t in operands if t.requires_grad):
+            return False
+        return all(self._known_nonnegative(t) for t in operands if not t.requires_grad)
+
+    def _difference_or_ratio_nonnegative(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """``x - alpha y`` is >= 0 when ``x >= 0`` and ``alpha y <= 0``; ``x / y`` when ``x >= 0`` and ``y > 0``."""
+        x = args[0] if args else kwargs.get("input")
+        y: Any = args[1] if len(args) > 1 else kwargs.get("other")
+        if not (isinstance(x, Tensor) and x.requires_grad and self._known_nonnegative(x)):
+            return False
+        if name in optable.DIVISION:
+            if _is_number(y):
+                return y > 0
+            return isinstance(y, Tensor) and not y.requires_grad and not y.is_complex() and bool((y > 0).all())
+        alpha: Any = kwargs.get("alpha", 1)
+        if not _is_number(alpha):
+            return False
+        if alpha == 0:
+            return True
+        if _is_number(y):
+            return alpha * y <= 0
+        if not isinstance(y, Tensor) or y.is_complex():
+            return False
+        if alpha < 0:
+            return self._known_nonnegative(y)
+        return not y.requires_grad and (y.dtype == torch.bool or bool((y <= 0).all()))
 
     def _follow(self, grad_args: list, out: Any) -> None:
         """Gates and attention weights stay what they are through reshapes, expansions and dropout."""
@@ -408,7 +537,9 @@ class Trace:
             if isinstance(out, Tensor):
                 self.routed[id(t)] = (t, replay_all, root)
             else:
-                self.routed[id(t)] = (t, lambda xs, i=i: list(_tensors(replay_all(xs)))[i], root)
+                def nth(xs: Tensor, i: int = i) -> Tensor:
+                    return list(_tensors(replay_all(xs)))[i]
+                self.routed[id(t)] = (t, nth, root)
 
     def _without_inplace(self, func: Callable, args: tuple, kwargs: dict) -> tuple:
         """Rewrite ``f(x, inplace=True)`` as ``f(x, inplace=False)``; later uses of ``x`` see the result."""
@@ -430,7 +561,6 @@ class Trace:
             return func(*args, **kwargs)
         if name == "__setitem__":
             new = target.clone()
-            self._count_uses([t for t in _tensors(args) if t.requires_grad])
             new.__setitem__(*args[1:], **kwargs)
             self.stale[id(target)] = (target, new)
             return None
@@ -441,7 +571,7 @@ class Trace:
                 f"in-place op '{name}' in {self.where()} writes into "
                 f"{'a view of ' if target._base is not None else ''}a tensor that depends on the input; lrp "
                 f"cannot follow it. Write it out of place (e.g. 'y = x.{plain}(...)' instead of 'x.{name}(...)').")
-        new = self.dispatch(out_of_place, args, kwargs)
+        new = self._handle(optable.op_name(out_of_place), out_of_place, args, kwargs)
         if new is not target:
             self.stale[id(target)] = (target, new)
         return new
@@ -467,7 +597,6 @@ class Trace:
             raise UnsupportedOperationError(
                 f"'{name}' in {self.where()} uses weights computed from the input (a dynamic or hyper-network "
                 f"layer); lrp's layer rules need fixed weights. Register a lrp.rules.ModuleRule for the module.")
-        self._count_uses([a])
         layer_name, module = self._layer_name(name)
         routed = self.routed.get(id(a))
         record = LayerRecord(self, len(self.layers), layer_name, module, op, weight, bias, id(a),
@@ -495,7 +624,6 @@ class Trace:
                 f"BatchNorm in {self.where()} normalises with the statistics of the batch (training mode or no "
                 f"running statistics), so one sample's relevance would depend on the others. Call explain with "
                 f"eval_mode=True (the default) on a model whose BatchNorm layers track running statistics.")
-        self._count_uses([x])
         var, mean = bound["running_var"], bound["running_mean"]
         weight = bound["weight"] if bound["weight"] is not None else torch.ones_like(var)
         bias = bound["bias"] if bound["bias"] is not None else torch.zeros_like(mean)
@@ -511,6 +639,7 @@ class Trace:
     def _max_as_average(self, name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
         x = args[0]
         dims = int(name.split("pool")[1][0])
+        pool: Callable[..., Tensor]
         if name.startswith("adaptive"):
             size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
             pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[dims - 1]
@@ -553,7 +682,6 @@ class Trace:
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if dim is None:
             dim = -1
-        self._count_uses([x])
         record = SoftmaxRecord()
         out = SoftmaxFunction.apply(x, dim, lambda t: func(t, *args[1:], **kwargs), record)
         self.softmaxes[id(out)] = (out, record)
@@ -566,7 +694,6 @@ class Trace:
         if x is None:
             return func(*args, **kwargs)
         self._only_input_needs_grad(x, args, kwargs, what)
-        self._count_uses([x])
         return LinearizedFunction.apply(x, lambda t: func(t, *args[1:], **kwargs), linear)
 
     def _layer_norm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -685,7 +812,7 @@ class Trace:
         """Drop every tensor and record this trace holds. Autograd nodes keep records alive and records keep the
         trace, so without this the activations of each call would stay in memory."""
         for layer in self.layers:
-            layer.trace = None
+            layer.trace = None  # type: ignore[assignment]  # released: the record is not used again
             layer.replay = layer.root = None
             layer._effective = None
             layer.bn = None  # layer <-> BatchNorm record is a reference cycle: break it, so refcounts free both
@@ -699,18 +826,26 @@ class Trace:
         self.stack.clear()
 
     # ------------------------------------------------------------------ backward
-    def _cached(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    def _cached(self, key: tuple, owners: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """A weight-derived tensor, built once per call and shared by the layer calls whose ``key`` is equal.
+        ``owners`` (the tensors whose ids are in the key) stay alive with the entry, so no id is reused."""
         if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+            self._cache[key] = (owners, make())
+        return self._cache[key][1]
 
     def layer_backward(self, layer: LayerRecord, a: Tensor, z: Tensor, g: Tensor) -> Optional[Tensor]:
         weight, bias = layer.effective_params()
         z = layer.effective_output(z)
         rule = layer.rule
-        base = (id(weight), id(bias), id(rule), tuple(a.shape[1:]))
-        ctx = LayerContext(layer.op, a, z, weight, bias, lambda key, make: self._cached(base + (key,), make),
-                           layer.nonnegative_input)
+        assert rule is not None, "finalize() chooses every layer's rule before the backward"
+        # what a cached tensor may depend on: the weights (a merged BatchNorm included), the op's parameters
+        # (stride, padding, dilation, groups, ...: the flat count, the w^2 sum and the z^B offset depend on
+        # them), the rule and its parameters, the shape of one input sample, the dtype and the device; never
+        # the input's values. Layer calls that agree on all of it (a module called twice) share the tensors.
+        base = (id(weight), id(bias), _op_key(layer.op), id(rule), tuple(a.shape[1:]), a.dtype, a.device)
+        owners = (weight, bias, rule)
+        ctx = LayerContext(layer.op, a, z, weight, bias,
+                           lambda key, make: self._cached(base + (key,), owners, make), layer.nonnegative_input)
         needs_relevance = self.record_layers or not (isinstance(rule, Epsilon) and rule.epsilon == 0.0)
         relevance_out = z * g if needs_relevance else None
         n = self.x.shape[0]
@@ -721,20 +856,21 @@ class Trace:
             layer.total = relevance_out.sum() if relevance_out is not None else torch.vdot(z.flatten(), g.flatten())
         if self.record_layers:
             layer.relevance = relevance_out
-        result = rule.backward(ctx, g, relevance_out)
+        result = rule.backward(ctx, g, relevance_out)  # type: ignore[arg-type]  # None only for LRP-0 (unused)
         if not rule.direct:
             return result
         self._add_direct(layer, result)
         return None
 
     def _add_direct(self, layer: LayerRecord, relevance: Tensor) -> None:
-        root = layer.root
+        root, replay = layer.root, layer.replay
+        assert root is not None and replay is not None, "an input rule's layer reads the model input"
         if layer.input_id == id(root):
             r_root = relevance
         else:
             with torch.enable_grad():
                 shadow = root.detach().requires_grad_(True)
-                (r_root,) = torch.autograd.grad(layer.replay(shadow), shadow, relevance)
+                (r_root,) = torch.autograd.grad(replay(shadow), shadow, relevance)
         key = id(root)
         self.direct[key] = r_root if key not in self.direct else self.direct[key] + r_root
 

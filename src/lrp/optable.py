@@ -41,12 +41,48 @@ max min maximum minimum
 
 GRADIENT = ROUTE | LINEAR | PIECEWISE_LINEAR
 
-# outputs that are >= 0 whatever the input; and ops whose output is >= 0 when their inputs are (rules for
-# layers skip looking for negative inputs then)
+# The sign of an op's output, so that layer rules can skip looking for negative inputs (z+, alpha-beta and gamma
+# have a faster form for inputs >= 0). NONNEGATIVE_OUTPUT: >= 0 whatever the input. KEEPS_SIGN: >= 0 when
+# EVERY operand that is a value is >= 0 -- input-dependent tensors, and equally constants, parameters, buffers
+# and numbers (parameters are frozen during explain, so "needs a gradient" says nothing about the sign):
+#   name -> (tensor operands that are values: FIRST (the data; the other tensors give shapes, indices or a
+#            dtype) or ALL (every tensor that is not boolean),
+#            number operands that are values: ALL, or ((position, keyword), ...); the other numbers are
+#            dimensions, sizes, paddings or shifts, whose sign says nothing)
+# ``Trace._keeps_nonnegative`` applies it; SUBTRACT and DIVISION have checks of their own there. Left out on
+# purpose: alpha dropout (training mode writes a negative value), bicubic resampling (it overshoots; see
+# RESAMPLING_KEEPS_SIGN), anything whose value operands are not spelled out here.
 NONNEGATIVE_OUTPUT = frozenset("relu abs".split())
-KEEPS_SIGN = (ROUTE | frozenset("""add __add__ __radd__ sum mean avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
-adaptive_avg_pool2d adaptive_avg_pool3d max_pool1d max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d
-adaptive_max_pool3d amax max""".split())) - frozenset("masked_fill where pad index_fill masked_scatter".split())
+FIRST, ALL = "first", "all"
+_DATA = (FIRST, ())
+KEEPS_SIGN: dict = {
+    **{name: _DATA for name in """
+view reshape view_as reshape_as flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis
+squeeze unsqueeze expand expand_as broadcast_to repeat repeat_interleave tile contiguous clone to type
+float double half bfloat16 cpu cuda __getitem__ narrow select index_select gather take_along_dim split
+split_with_sizes chunk unbind tensor_split hsplit vsplit dsplit roll flip fliplr flipud rot90 pixel_shuffle
+pixel_unshuffle channel_shuffle native_channel_shuffle unfold fold dropout dropout1d dropout2d dropout3d identity
+upsample_nearest interpolate upsample diagonal real sum mean amax amin avg_pool1d adaptive_avg_pool1d
+adaptive_avg_pool2d adaptive_avg_pool3d max_pool1d max_pool2d max_pool3d max_pool1d_with_indices
+max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
+adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices
+""".split()},
+    # avg_pool2d/3d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    **{name: (FIRST, ((6, "divisor_override"),)) for name in ("avg_pool2d", "avg_pool3d")},
+    # pad(input, pad, mode, value): the pad widths may be negative (cropping)
+    "pad": (FIRST, ((3, "value"),)),
+    # index_fill(input, dim, index, value)
+    "index_fill": (ALL, ((3, "value"),)),
+    **{name: (ALL, ()) for name in "cat concat concatenate stack hstack vstack dstack masked_scatter max min "
+                                   "maximum minimum".split()},
+    # every number is a value here, alpha= included
+    **{name: (ALL, ALL) for name in "add __add__ __radd__ mul __mul__ __rmul__ multiply where "
+                                    "masked_fill".split()},
+}
+# x - alpha y: >= 0 when x >= 0 and alpha y <= 0;  x / y: >= 0 when x >= 0 and y > 0
+SUBTRACT = frozenset("sub __sub__ subtract".split())
+# interpolation modes whose weights are all >= 0 (not bicubic: its kernel has negative lobes)
+RESAMPLING_KEEPS_SIGN = frozenset("nearest nearest-exact linear bilinear trilinear area".split())
 
 IDENTITY = frozenset("""
 gelu silu sigmoid tanh elu selu celu softplus mish hardswish hardsigmoid relu6 hardtanh clamp clip
@@ -79,6 +115,15 @@ KEEP_INPLACE = frozenset("requires_grad_ retain_grad share_memory_ record_stream
 
 INPLACE_DUNDER = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__",
                   "__itruediv__": "__truediv__", "__idiv__": "__truediv__"}
+
+
+def out_of_place(name: str) -> str:
+    """The op an in-place op runs as (``relu_`` -> ``relu``, ``__iadd__`` -> ``__add__``)."""
+    if name in INPLACE_DUNDER:
+        return INPLACE_DUNDER[name]
+    if name.endswith("_") and not name.startswith("__") and name not in KEEP_INPLACE:
+        return name[:-1]
+    return name
 
 
 def op_name(func) -> str:

@@ -7,15 +7,22 @@ where the layer reads the model input). ``W+ = max(W, 0)``, ``W- = min(W, 0)``, 
 and ``s(t) = t + eps * sign(t)`` (``sign(0) = +1``) is the stabilised denominator. Each formula is the one
 Zennit 0.5.1 implements, so both tools agree; the fast paths below only reorder the algebra so that each
 modified weight is built once per call and no forward pass is repeated needlessly.
+
+Precision: rules compute in float32 for float16/bfloat16 layers (float64 stays float64; see
+:func:`lrp.functions.working_dtype`): :class:`LayerContext` casts the layer's input, output, weight and bias,
+so every stabilised denominator (``s(z)``, ``s(z+)``, the sums of flat, w^2 and z^B) is accumulated and
+divided in float32, where ``eps = 1e-6`` neither underflows (as it would in float16) nor is lost to rounding
+(as it is next to values above ~1e-4 in bfloat16). ``lrp.functions.LayerFunction`` casts the result back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
+from .functions import to_working, working_dtype
 from .layers import LinearOp
 
 Tensor = torch.Tensor
@@ -46,8 +53,21 @@ class LayerContext:
     z: Tensor  # layer output, bias (and a merged BatchNorm) included
     weight: Tensor
     bias: Optional[Tensor]
-    cache: Callable[[str, Callable[[], Tensor]], Tensor]  # per-call cache of weight-derived tensors
+    cache: Callable[[Any, Callable[[], Any]], Any]  # per-call cache of weight-derived tensors, by key
     nonnegative: bool = False  # the input is known to be >= 0 (e.g. a ReLU output): no need to look
+
+    def __post_init__(self) -> None:
+        """Bring the layer to the working dtype (float32 for half-precision layers; see the module docstring);
+        the cast weights are cached like the other weight-derived tensors."""
+        dtype = working_dtype(self.a, self.z, self.weight, self.bias)
+        cache = self.cache
+        self.cache = lambda key, make: cache((key, dtype), make)
+        self.a, self.z = to_working(self.a, dtype), to_working(self.z, dtype)
+        weight, bias = self.weight, self.bias
+        if weight.dtype != dtype:
+            self.weight = self.cache("weight", lambda: weight.to(dtype))
+        if bias is not None and bias.dtype != dtype:
+            self.bias = self.cache("bias", lambda: bias.to(dtype))
 
     def fwd(self, a: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return self.op.forward(a, weight, bias)

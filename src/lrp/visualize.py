@@ -76,7 +76,7 @@ def heatmap(relevance: ArrayLike, cmap: str = "bwr", *, vmax: Optional[float] = 
         image = Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8))
     else:
         image = Image.fromarray(colorize(_scale(r, vmax, percentile), cmap))
-    return image.resize(size, Image.NEAREST) if size else image
+    return image.resize(size, Image.Resampling.NEAREST) if size else image
 
 
 def _image_array(image: Union[Image.Image, ArrayLike]) -> np.ndarray:
@@ -180,7 +180,7 @@ def _font(size: int) -> Union[ImageFont.ImageFont, ImageFont.FreeTypeFont]:
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom
+    return int(right - left), int(bottom)
 
 
 def channel_grid(relevance: ArrayLike, cmap: str = "bwr", *, columns: Optional[int] = None, scale: int = 4,
@@ -269,7 +269,7 @@ def channel_grid(relevance: ArrayLike, cmap: str = "bwr", *, columns: Optional[i
     for left, top, right, bottom in boxes:  # a light frame, so that white (irrelevant) tiles show their extent
         draw.rectangle((left - 1, top - 1, right, bottom), outline=(200, 200, 200))
     for k, (left, top, _, _) in enumerate(boxes):
-        tile = Image.fromarray(colorize(scaled[k], cmap)).resize((tile_w, tile_h), Image.NEAREST)
+        tile = Image.fromarray(colorize(scaled[k], cmap)).resize((tile_w, tile_h), Image.Resampling.NEAREST)
         grid.paste(tile, (left, top))
     if colorbar:
         x0, y0 = (width - bar_w) // 2, grid_h + 6

@@ -108,7 +108,9 @@ def compare(
         raise ValueError("compare needs at least one method")
     with _untouched(model, True), torch.no_grad():
         idx = _targets(class_scores(model, x, _select_output(model(x))), target)
-    rows, curves, heatmaps = [], {}, {}
+    rows: list[dict] = []
+    curves: dict[str, dict[str, PerturbationCurve]] = {}
+    heatmaps: dict[str, Tensor] = {}
     for name, spec in named.items():
         relevance_of = resolve_method(spec)
         began = time.perf_counter()

@@ -8,7 +8,7 @@ patches of features.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 
@@ -20,7 +20,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def feature_relevance(relevance: Tensor, x_shape: torch.Size) -> Tensor:
+def feature_relevance(relevance: Tensor, x_shape: Sequence[int]) -> Tensor:
     """Relevance per feature, ``(N, *spatial)`` (channels summed), for inputs shaped ``x_shape``."""
     relevance = torch.as_tensor(relevance)
     n = x_shape[0]

@@ -28,6 +28,7 @@ def method_name(spec: MethodSpec) -> str:
 
 def resolve_method(spec: MethodSpec) -> Method:
     """A function returning the relevance (shaped like ``x``) that ``spec`` assigns to ``model(x)``."""
+    fn: Callable[..., object]  # returns relevance or an Explanation
     if isinstance(spec, str):
         if spec in BASELINES:
             fn = BASELINES[spec]

@@ -27,7 +27,7 @@ def plot_curves(curves: dict, path=None, title: Optional[str] = None):
 
     fig = _figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    colours = iter(colormaps["tab10"].colors * 3)
+    colours = iter(list(getattr(colormaps["tab10"], "colors")) * 3)
     for name, curve in curves.items():
         baseline = name in METHODS or name.startswith("occlusion")  # LRP solid, baselines dashed
         style = dict(color="0.4", linestyle=":") if name == "random" else \

@@ -2,9 +2,9 @@
 
 Layers are re-initialised from the top (output) layer down: cumulatively (``"cascading"``) or one at a time
 (``"independent"``). At each step the heatmap is compared with the one of the trained model by Spearman rank
-correlation, SSIM and relative L2 change (of heatmaps scaled to a peak |R| of 1). An explanation that depends on what the model learned changes as its
-layers are randomised; one that does not (an edge detector) stays the same. The model itself is never touched:
-the check works on a copy.
+correlation, SSIM and relative L2 change (of heatmaps scaled to a peak |R| of 1). An explanation that depends on
+what the model learned changes as its layers are randomised; one that does not (an edge detector) stays the same.
+The model itself is never touched: the check works on a copy.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda), torch.no_grad():  # the caller's random state stays as it was
         torch.manual_seed(seed)
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
         else:
             for p in module.parameters(recurse=False):
                 p.normal_(0.0, float(p.std()) if p.numel() > 1 else 1.0)

@@ -128,7 +128,7 @@ def _decimals(values) -> int:
     return min(6, max(2, 2 - math.floor(math.log10(top)))) if top > 0 else 2
 
 
-def _perturbation_verdict(values: dict, samples: dict, kinds: Mapping[str, str], score, decimals: int) -> str:
+def _perturbation_verdict(values: Mapping, samples: Mapping, kinds: Mapping[str, str], score, decimals: int) -> str:
     name = SCORE_TEXT.get(score, "score")
     fmt = lambda v: _amount(v, score, decimals)  # noqa: E731
 

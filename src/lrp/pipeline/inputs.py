@@ -65,9 +65,9 @@ class Preprocess:
     def image(self, path: Path) -> tuple[torch.Tensor, Image.Image]:
         """(tensor (C, H, W) as the model sees it, the picture shown under the heatmap)."""
         try:
-            with Image.open(path) as img:
-                img.load()
-                img = img.convert("L" if self.grayscale else "RGB")
+            with Image.open(path) as opened:
+                opened.load()
+                img = opened.convert("L" if self.grayscale else "RGB")
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
         except (UnidentifiedImageError, OSError) as exc:
@@ -83,7 +83,7 @@ class Preprocess:
         if self.size:
             w, h = img.size
             scale = self.size / min(w, h)
-            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
         if self.crop:
             w, h = img.size
             if self.crop > min(w, h):

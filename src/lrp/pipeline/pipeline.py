@@ -8,7 +8,7 @@ import inspect
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from .inputs import DIGIT_SHAPE, Preprocess, centre_digit, preprocess_for, read_
 from .models import LoadedModel, check_device, load_model, read_classes
 
 Shape = tuple[Optional[int], ...]  # a sample's shape; None: any size along that dimension
+Bound = Union[float, torch.Tensor, None]  # a z^B bound: a scalar or one value per channel
+P = TypeVar("P", bound="Pipeline")
 
 
 def composite_names() -> list[str]:
@@ -114,9 +116,8 @@ class Pipeline:
             self.classes = [str(k) for k in range(10)]
 
     @classmethod
-    def load(cls, spec: str = "mnist", weights: Optional[str] = None, classes: Optional[str] = None, *,
-             device: Union[str, torch.device] = "cpu", name: Optional[str] = None,
-             **preprocessing: Any) -> "Pipeline":
+    def load(cls: type[P], spec: str = "mnist", weights: Optional[str] = None, classes: Optional[str] = None, *,
+             device: Union[str, torch.device] = "cpu", name: Optional[str] = None, **preprocessing: Any) -> P:
         """Load ``spec`` (see :func:`lrp.pipeline.load_model`) onto ``device``; ``classes`` is a file of class
         names; ``preprocessing``: size, crop, mean, std, grayscale, invert. Raises ``ModelError``."""
         device = torch.device(check_device(str(device)))
@@ -158,9 +159,10 @@ class Pipeline:
     def target(self, spec: Union[int, str, None]) -> Optional[int]:
         """A target given as an index, a class name, ``"pred"`` or nothing -> an index or None."""
         index = parse_target(spec, self.classes)
-        if index is not None and self.num_classes is not None and not 0 <= index < self.num_classes:
-            raise TargetError(f"target {index} is out of range: model {self.name!r} has {self.num_classes} classes "
-                              f"(0..{self.num_classes - 1})")
+        classes = self.num_classes
+        if index is not None and classes is not None and not 0 <= index < classes:
+            raise TargetError(f"target {index} is out of range: model {self.name!r} has {classes} classes "
+                              f"(0..{classes - 1})")
         return index
 
     def learn_classes(self, num_classes: Optional[int]) -> None:
@@ -216,10 +218,10 @@ class Pipeline:
 
     def _fit(self, a: torch.Tensor, name: str) -> torch.Tensor:
         """``a`` as a batch of samples the model reads (see :meth:`array`)."""
-        candidates = [("one sample", a[None]), ("a batch", a if a.ndim >= 2 else None),
-                      ("one sample without its channel", a[None, None]),
-                      ("a batch without channels", a[:, None] if a.ndim >= 2 else None)]
-        candidates = [(what, b) for what, b in candidates if b is not None]
+        candidates = [("one sample", a[None]), ("one sample without its channel", a[None, None])]
+        if a.ndim >= 2:
+            candidates[1:1] = [("a batch", a)]
+            candidates.append(("a batch without channels", a[:, None]))
         expected = self.input_shape
         if expected is not None:
             for _, b in candidates:
@@ -234,7 +236,8 @@ class Pipeline:
             raise InputError(f"{name}: model {self.name!r} fails on an array of shape {tuple(a.shape)} read as one "
                              f"sample ({tuple(a[None].shape)}) and as a batch; save one sample shaped as the model "
                              f"reads it without the batch dimension, or a batch with the samples first")
-        return dict(candidates)[choice]
+        fitted: torch.Tensor = dict(candidates)[choice]
+        return fitted
 
     def _probe(self, candidates: list) -> Optional[str]:
         """The first way of reading an array the model runs on (a forward on its first sample), trying first
@@ -267,8 +270,8 @@ class Pipeline:
                          f"{_shape_text(expected)}{hint}")
 
     # ------------------------------------------------------------------ composites
-    def composite(self, name: str, *, kind: str = "image", maxpool: str = "max", low: Optional[float] = None,
-                  high: Optional[float] = None, data_range: Optional[tuple[float, float]] = None
+    def composite(self, name: str, *, kind: str = "image", maxpool: str = "max", low: Bound = None,
+                  high: Bound = None, data_range: Optional[tuple[float, float]] = None
                   ) -> tuple[Composite, Optional[str]]:
         """The named composite and a note on where its z^B bounds came from (None when it takes none). Bounds not
         given come from the preprocessing for images (pixels in [0, 1], normalised) and from ``data_range``, the
@@ -341,7 +344,7 @@ def _cut_off(size: tuple[int, int], pre: Preprocess) -> bool:
     if pre.size:
         scale = pre.size / min(w, h)
         w, h = round(w * scale), round(h * scale)
-    return bool(pre.crop) and (w > pre.crop or h > pre.crop)
+    return pre.crop is not None and (w > pre.crop or h > pre.crop)
 
 
 def _fmt(value: Any) -> str:

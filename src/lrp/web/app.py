@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, MutableMapping, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,7 +24,7 @@ from .service import MAX_BYTES, MAX_SIDE, ServedModel, ServiceError
 try:  # Swagger UI and ReDoc from the package, not from a CDN: /docs works without Internet
     from fastapi_offline import FastAPIOffline as _FastAPI
 except ImportError:  # pragma: no cover - the web extra installs it
-    _FastAPI = FastAPI
+    _FastAPI = FastAPI  # type: ignore[assignment]
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("lrp.web")
@@ -40,7 +40,7 @@ ERRORS: dict[Union[int, str], dict[str, Any]] = {
 }
 
 Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class PayloadTooLarge(HTTPException):
@@ -103,7 +103,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _validation_message(errors: Sequence[dict]) -> str:
+def _validation_message(errors: Sequence[Any]) -> str:
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
@@ -111,11 +111,16 @@ def _validation_message(errors: Sequence[dict]) -> str:
     return "; ".join(parts)
 
 
+def _known(shape: Optional[tuple[Optional[int], ...]]) -> Optional[list[int]]:
+    """A sample shape as a list when every size is known, else None."""
+    return [d for d in shape if d is not None] if shape is not None and None not in shape else None
+
+
 def _model_info(served: ServedModel) -> ModelInfo:
     pre = served.pre
     return ModelInfo(
         name=served.name, kind=served.loaded.kind,
-        input_shape=list(served.input_shape) if served.input_shape and None not in served.input_shape else None,
+        input_shape=_known(served.input_shape),
         num_classes=served.num_classes, classes=served.classes, drawable=served.drawable,
         composites=list(service.COMPOSITES), default_composite=service.DEFAULT_COMPOSITE,
         preprocessing=PreprocessingInfo(size=pre.size, crop=pre.crop, mean=list(pre.mean) if pre.mean else None,
@@ -134,8 +139,8 @@ def create_app(models: Sequence[Union[ServedModel, str]] = ("mnist",), *, warm_u
     """The web app serving ``models`` (:class:`ServedModel` or specs as ``lrp explain --model`` takes them;
     the first is the default). ``warm_up`` runs each model once now, so that the first request is fast."""
     served: dict[str, ServedModel] = {}
-    for m in models:
-        m = ServedModel.load(m) if isinstance(m, str) else m
+    for spec in models:
+        m = ServedModel.load(spec) if isinstance(spec, str) else spec
         name, k = m.name, 1
         while name in served:
             k += 1

@@ -60,9 +60,9 @@ class ServedModel(Pipeline):
         """Explain a grey input twice, so that the first request is as fast as the others; learn the class count
         and check the class names against it. Raises ``ModelError`` when the model fails on its input shape or
         the class names do not fit."""
-        shape = self.input_shape
-        if shape is None or None in shape:
-            return
+        shape = [d for d in self.input_shape or (None,) if d is not None]
+        if len(shape) != len(self.input_shape or ()):
+            return  # no fixed input shape to warm up with
         item = Prepared(torch.full(shape, 0.5), kind="image")
         try:
             for _ in range(2):
