@@ -117,7 +117,7 @@ def _composites(args: argparse.Namespace, pipeline, name: str, prepared: list) -
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .errors import LRPError, ModelError, TargetError, one_line
+    from .errors import ModelError, TargetError, one_line
     from .pipeline import expand_inputs
     from .pipeline.outputs import failed_row, summary_row, write, write_summary
 
@@ -154,7 +154,7 @@ def _explain(args: argparse.Namespace) -> int:
                     outcomes = pipeline.explain(batch, target, comps[kind])
                 except (ModelError, TargetError) as exc:  # the same for every input: stop, write nothing more
                     raise CommandError(str(exc)) from None
-                except (LRPError, Exception) as exc:  # a model/input mismatch: report these inputs, go on
+                except Exception as exc:  # a model/input mismatch: report these inputs, go on
                     for item in batch:
                         fail(item.source, exc, order[id(item)])
                     bar.update(len(batch))
@@ -197,7 +197,8 @@ def _evaluation_inputs(args: argparse.Namespace, pipeline):
     def skip(source: str, exc: BaseException, order: tuple = ()) -> None:
         print(f"error: {exc} (skipped)", file=sys.stderr)
 
-    for _, item in _read_inputs(pipeline, expand_inputs(args.inputs), skip)[:args.limit]:
+    files = expand_inputs(args.inputs)[:args.limit]  # a file holds one sample or more: read no more than needed
+    for _, item in _read_inputs(pipeline, files, skip)[:args.limit]:
         try:
             if args.masks:
                 path = Path(item.source.split("[")[0])

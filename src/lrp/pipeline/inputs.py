@@ -64,14 +64,10 @@ class Preprocess:
 
     def image(self, path: Path) -> tuple[torch.Tensor, Image.Image]:
         """(tensor (C, H, W) as the model sees it, the picture shown under the heatmap)."""
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                img = opened.convert("L" if self.grayscale else "RGB")
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"{path}: not a readable image ({exc})") from None
+        return self.from_file(open_image(path), path)
+
+    def from_file(self, img: Image.Image, path: Path) -> tuple[torch.Tensor, Image.Image]:
+        """Like :meth:`from_image`, for a picture read from ``path`` (named in errors)."""
         try:
             return self.from_image(img)
         except InputError as exc:
@@ -116,6 +112,18 @@ class Preprocess:
         std = torch.tensor(self.std or (1.0,))
         lo, hi = (0 - mean) / std, (1 - mean) / std
         return (lo.item(), hi.item()) if lo.numel() == 1 else (lo, hi)
+
+
+def open_image(path: Path) -> Image.Image:
+    """The picture in ``path``, decoded; ``InputError`` when it is missing or not a readable image."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
 
 
 def _fmt(values: Optional[Sequence[float]]) -> str:

@@ -17,7 +17,7 @@ from PIL import Image
 from ..composites import COMPOSITES, Composite, composite
 from ..errors import InputError, ModelError, TargetError
 from ..explain import explain
-from .inputs import DIGIT_SHAPE, Preprocess, centre_digit, preprocess_for, read_array
+from .inputs import DIGIT_SHAPE, Preprocess, centre_digit, open_image, preprocess_for, read_array
 from .models import LoadedModel, check_device, load_model, read_classes
 
 Shape = tuple[Optional[int], ...]  # a sample's shape; None: any size along that dimension
@@ -180,13 +180,11 @@ class Pipeline:
         pre = self.pre if invert is None or invert == self.pre.invert else _with(self.pre, invert=invert)
         if isinstance(source, Image.Image):
             x, picture = pre.from_image(source)
-            name = "image"
-            size = source.size
+            name, size = "image", source.size
         else:
-            x, picture = pre.image(Path(source))
-            name = str(source)
-            with Image.open(source) as img:
-                size = img.size
+            opened = open_image(Path(source))  # read once: its size tells whether the crop cut it
+            x, picture = pre.from_file(opened, Path(source))
+            name, size = str(source), opened.size
         prepared = Prepared(x, picture, name, "image")
         self._check_channels(prepared, "the preprocessed image")
         if pre.crop and _cut_off(size, pre):
