@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 import lrp
 from lrp.composites import COMPOSITES
-from lrp.graph import Trace
+from lrp.engine.capture import Trace
+from lrp.engine.propagate import Propagation
 
 C = 6  # channels of the small convolution nets below
 BOUNDS = dict(low=-4.0, high=4.0)  # for z^B; the inputs are clamped to [-3, 3]
@@ -185,7 +186,7 @@ def _conv2_input_known_nonnegative(mid, comp=None) -> bool:
     for p in model.parameters():
         p.requires_grad_(False)  # as during explain
     leaf = _image().requires_grad_(True)
-    trace = Trace(model, comp or lrp.composite("epsilon-plus"), leaf, False)
+    trace = Trace(model, comp or lrp.composite("epsilon-plus"), leaf)
     try:
         with torch.enable_grad(), trace.capture():
             model(leaf)
@@ -292,11 +293,11 @@ def _conv1_merged(mid, output=None, comp=None) -> bool:
     leaf = _image().requires_grad_(True)
     comp = comp or lrp.composite("epsilon-plus")
     comp.module_rules = dict(MODULE_RULES)
-    trace = Trace(model, comp, leaf, False)
+    trace = Trace(model, comp, leaf)
     try:
         with torch.enable_grad(), trace.capture():
             (output or model)(leaf)
-        trace.finalize()
+        Propagation(trace)
         return trace.layers[0].bn is not None
     finally:
         trace.release()
@@ -411,19 +412,19 @@ def test_one_weight_at_several_dilations_strides_and_paddings(composite, params)
 def test_a_module_called_twice_still_builds_its_modified_weights_once(monkeypatch):
     # the finer key must not lose the sharing it is for: conv2 runs three times with the same op, rule and
     # input shape, so W+ is built once for it (and once for conv1)
-    built = []
-    cached = Trace._cached
+    tables = []
+    table = Propagation._table
 
-    def counting(self, key, owners, make):
-        def build():
-            built.append(key[-1])
-            return make()
-        return cached(self, key, owners, build)
+    def recording(self, layer):
+        found = table(self, layer)
+        if all(found is not t for t in tables):
+            tables.append(found)
+        return found
 
-    monkeypatch.setattr(Trace, "_cached", counting)
+    monkeypatch.setattr(Propagation, "_table", recording)
     res = lrp.explain(Net(_shared_conv2).double().eval(), _image(), composite="epsilon-plus")
     assert list(res.rules) == ["conv1", "conv2", "conv2#1", "conv2#2", "fc"]
-    assert sum("W+" in str(key) for key in built) == 2
+    assert sum("W+" in str(key) for t in tables for key in t) == 2
 
 
 # --------------------------------------------------------------------------- 4. equivalent forms, every composite

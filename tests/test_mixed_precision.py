@@ -1,6 +1,6 @@
 """Mixed precision: ``explain`` under ``torch.autocast`` and on models held in bfloat16 / float16.
 
-The rules never compute in half precision (``lrp.functions.working_dtype``): their backward runs in float32
+The rules never compute in half precision (``lrp.engine.precision.working_dtype``): their backward runs in float32
 with autocast off for the tensors' device and casts back, clamped to the activation dtype's finite range.
 The explanations of half-precision forwards are compared with the float32 explanation of the same model.
 

@@ -8,11 +8,11 @@
 from . import baselines, evaluate, models, rules
 from .composites import Composite, composite, register_module_rule
 from .errors import LRPError, RuleError, TargetError, UnsupportedOperationError
-from .explain import Explanation, explain
+from .explain import Explainer, Explanation, explain
 from .visualize import channel_grid, heatmap, is_multiband, overlay, token_html
 
 __all__ = [
-    "explain", "Explanation", "composite", "Composite", "register_module_rule", "rules", "models",
+    "explain", "Explainer", "Explanation", "composite", "Composite", "register_module_rule", "rules", "models",
     "evaluate", "baselines",
     "heatmap", "overlay", "token_html", "channel_grid", "is_multiband",
     "LRPError", "RuleError", "TargetError", "UnsupportedOperationError",

@@ -20,7 +20,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from .errors import LRPError
-from .explain import Explanation, TargetSpec, _lock_for, _select_output, _targets, _untouched
+from .explain import Explanation
+from .engine import TargetSpec, class_targets, frozen, model_lock, model_output
 
 Tensor = torch.Tensor
 
@@ -49,7 +50,7 @@ def _gradients(model: torch.nn.Module, inputs: Tensor, idx: Optional[Tensor], re
     """dS/dx at ``inputs``: ``repeat`` stacked copies of the batch, each explained for ``idx``."""
     leaf = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = _select_output(model(leaf))
+        out = model_output(model(leaf))
         scores = target_scores(out, None if idx is None else idx.repeat(repeat))
         (grad,) = torch.autograd.grad(scores.sum(), leaf)
     return grad
@@ -64,10 +65,10 @@ def _gradient_method(name: str, combine: Callable[..., Tensor], **defaults):
         opts = {**defaults, **options}
         if opts.get("batch_size", 1) < 1:
             raise ValueError(f"{name}() needs batch_size >= 1, got {opts['batch_size']}")
-        with _lock_for(model), _untouched(model, True):
+        with model_lock(model), frozen(model):
             with torch.no_grad():
-                out = _select_output(model(x)).detach()
-            idx = _targets(out, target)
+                out = model_output(model(x)).detach()
+            idx = class_targets(out, target)
             relevance = combine(lambda inputs, repeat=1: _gradients(model, inputs, idx, repeat), x, **opts)
         return _result(x, out, idx, relevance)
 
@@ -126,9 +127,9 @@ def occlusion(model: torch.nn.Module, x: Tensor, target: TargetSpec = None, *, p
     if batch_size < 1:
         raise ValueError(f"occlusion() needs batch_size >= 1, got {batch_size}")
     regions = Regions(x, patch)
-    with _lock_for(model), _untouched(model, True), torch.no_grad():
-        out = _select_output(model(x)).detach()
-        idx = _targets(out, target)
+    with model_lock(model), frozen(model), torch.no_grad():
+        out = model_output(model(x)).detach()
+        idx = class_targets(out, target)
         base = target_scores(out, idx)
         pairs = [(n, r) for n in range(x.shape[0]) for r in range(regions.count)]
         drops = torch.zeros(x.shape[0], regions.count, dtype=out.dtype, device=x.device)
@@ -136,7 +137,7 @@ def occlusion(model: torch.nn.Module, x: Tensor, target: TargetSpec = None, *, p
             n_idx, r_idx = (torch.tensor(v, device=x.device) for v in zip(*pairs[start:start + batch_size]))
             mask = regions.expand(torch.nn.functional.one_hot(r_idx, regions.count).bool())
             occluded = torch.where(mask, torch.as_tensor(value, dtype=x.dtype, device=x.device), x[n_idx])
-            scores = target_scores(_select_output(model(occluded)), None if idx is None else idx[n_idx])
+            scores = target_scores(model_output(model(occluded)), None if idx is None else idx[n_idx])
             drops[n_idx, r_idx] = base[n_idx] - scores
     relevance = regions.expand(drops / (regions.size * regions.channels)).to(x.dtype).expand_as(x)
     return _result(x, out, idx, relevance.contiguous())
@@ -145,9 +146,9 @@ def occlusion(model: torch.nn.Module, x: Tensor, target: TargetSpec = None, *, p
 def random(model: torch.nn.Module, x: Tensor, target: TargetSpec = None, *, seed: int = 0) -> Explanation:
     """Relevance drawn from N(0, 1), independent of the model: the floor for every metric."""
     _check(model, x)
-    with _lock_for(model), _untouched(model, True), torch.no_grad():
-        out = _select_output(model(x)).detach()
-    idx = _targets(out, target)
+    with model_lock(model), frozen(model), torch.no_grad():
+        out = model_output(model(x)).detach()
+    idx = class_targets(out, target)
     gen = torch.Generator().manual_seed(seed)
     relevance = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     return _result(x, out, idx, relevance)

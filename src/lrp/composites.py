@@ -101,12 +101,26 @@ class Composite:
                 return rule
         return self.default
 
+    def rule_before_count(self, layer: LayerInfo) -> Optional[LayerRule]:
+        """The layer's rule while the number of layers is not known yet (during the forward), or ``None`` when
+        a position key that depends on it ("last", negative indices, fractions, open ranges) might decide."""
+        if any(_counts(key) for key in self.by_position):
+            return None
+        return self.rule_for(layer)
+
 def _index(value: Union[int, float, None], count: int, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, float):
         return int(round(value * count))
     return value + count if value < 0 else value
+
+
+def _counts(key: PositionKey) -> bool:
+    """Whether position ``key`` depends on the number of layers."""
+    if isinstance(key, tuple):
+        return len(key) != 2 or any(not isinstance(k, int) or k < 0 for k in key)
+    return key == "last" or (isinstance(key, int) and key < 0) or not isinstance(key, (str, int))
 
 
 def _position_matches(key: PositionKey, layer: LayerInfo) -> bool:

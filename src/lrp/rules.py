@@ -9,21 +9,20 @@ Zennit 0.5.1 implements, so both tools agree; the fast paths below only reorder 
 modified weight is built once per call and no forward pass is repeated needlessly.
 
 Precision: rules compute in float32 for float16/bfloat16 layers (float64 stays float64; see
-:func:`lrp.functions.working_dtype`): :class:`LayerContext` casts the layer's input, output, weight and bias,
+:func:`lrp.engine.precision.working_dtype`): :class:`LayerContext` casts the layer's input, output, weight and bias,
 so every stabilised denominator (``s(z)``, ``s(z+)``, the sums of flat, w^2 and z^B) is accumulated and
 divided in float32, where ``eps = 1e-6`` neither underflows (as it would in float16) nor is lost to rounding
-(as it is next to values above ~1e-4 in bfloat16). ``lrp.functions.LayerFunction`` casts the result back.
+(as it is next to values above ~1e-4 in bfloat16). ``lrp.engine.functions.LayerFunction`` casts the result back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .functions import to_working, working_dtype
-from .layers import LinearOp
+from .engine.precision import to_working, working_dtype
+from .engine.layers import LinearOp
 
 Tensor = torch.Tensor
 Bound = Union[float, Tensor]
@@ -44,36 +43,39 @@ def _divide(relevance: Tensor, den: Tensor) -> Tensor:
     return den.reciprocal_().mul_(relevance)
 
 
-@dataclass
 class LayerContext:
-    """What a rule sees of one layer call."""
+    """What a rule sees of one layer call: the op, its input ``a`` (absent for rules whose
+    :meth:`LayerRule.needs_input` says they do not read it), its output ``z`` (bias and a merged BatchNorm
+    included), the weights, a per-call cache of weight-derived tensors, and whether the input is known to be
+    >= 0 (e.g. a ReLU output: no need to look)."""
 
-    op: LinearOp
-    a: Tensor  # layer input
-    z: Tensor  # layer output, bias (and a merged BatchNorm) included
-    weight: Tensor
-    bias: Optional[Tensor]
-    cache: Callable[[Any, Callable[[], Any]], Any]  # per-call cache of weight-derived tensors, by key
-    nonnegative: bool = False  # the input is known to be >= 0 (e.g. a ReLU output): no need to look
-
-    def __post_init__(self) -> None:
+    def __init__(self, op: LinearOp, a: Optional[Tensor], z: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 cache: Callable[[Any, Callable[[], Any]], Any], nonnegative: bool = False):
         """Bring the layer to the working dtype (float32 for half-precision layers; see the module docstring);
         the cast weights are cached like the other weight-derived tensors."""
-        dtype = working_dtype(self.a, self.z, self.weight, self.bias)
-        cache = self.cache
-        self.cache = lambda key, make: cache((key, dtype), make)
-        self.a, self.z = to_working(self.a, dtype), to_working(self.z, dtype)
-        weight, bias = self.weight, self.bias
+        self.op, self.nonnegative = op, nonnegative
+        dtype = working_dtype(a, z, weight, bias)
+        self.cache: Callable[[Any, Callable[[], Any]], Any] = lambda key, make: cache((key, dtype), make)
+        self._a = None if a is None else to_working(a, dtype)
+        self.z = to_working(z, dtype)
+        self.weight, self.bias = weight, bias
         if weight.dtype != dtype:
             self.weight = self.cache("weight", lambda: weight.to(dtype))
         if bias is not None and bias.dtype != dtype:
             self.bias = self.cache("bias", lambda: bias.to(dtype))
 
+    @property
+    def a(self) -> Tensor:
+        if self._a is None:
+            raise RuntimeError("this rule reads the layer input, but its needs_input() said it does not, so the "
+                               "input was not kept; make needs_input() return True")
+        return self._a
+
     def fwd(self, a: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return self.op.forward(a, weight, bias)
 
     def vjp(self, u: Tensor, weight: Tensor) -> Tensor:
-        return self.op.vjp(u, weight, self.a)
+        return self.op.vjp(u, weight, self._a)
 
     def pos(self) -> Tensor:
         return self.cache("W+", lambda: self.weight.clamp(min=0))
@@ -103,6 +105,17 @@ class LayerRule:
     #: True for rules whose input relevance does not factor as ``a * g`` (flat, w-square, z^B)
     direct: bool = False
 
+    def needs_input(self, op: LinearOp) -> bool:
+        """Whether the backward reads the layer input ``ctx.a`` (if not, the forward need not keep it)."""
+        return True
+
+    def sees_rectified_output(self) -> bool:
+        """Whether the rule may be given ``relu(z)`` for ``z`` when a ReLU is the layer's only consumer: true when
+        every term of its result carries a factor ``R`` or ``g`` (both 0 where ``z <= 0`` then) and no
+        denominator can be 0 (``stabilize``), as for each rule defined in this module. A subclass that
+        overrides :meth:`backward` gets the raw output (which costs memory)."""
+        return type(self).backward.__module__ == __name__
+
     def backward(self, ctx: LayerContext, g: Tensor, R: Tensor) -> Tensor:  # pragma: no cover - interface
         """``g``: modified gradient at the output; ``R = z * g``: its relevance (not to be modified)."""
         raise NotImplementedError
@@ -117,6 +130,9 @@ class Epsilon(LayerRule):
 
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = float(epsilon)
+
+    def needs_input(self, op: LinearOp) -> bool:
+        return op.kind != "linear"  # W^T u needs no input; a convolution's takes its shape from it
 
     def backward(self, ctx: LayerContext, g: Tensor, R: Tensor) -> Tensor:
         if self.epsilon == 0.0:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .perturbation import class_scores
-from ..explain import TargetSpec, _select_output, _targets, _untouched
+from ..engine import TargetSpec, class_targets, frozen, model_output
 from .complexity import entropy, sparseness
 from .features import PatchSpec
 from .localisation import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
@@ -106,8 +106,8 @@ def compare(
         named = dict(zip(names, methods))
     if not named:
         raise ValueError("compare needs at least one method")
-    with _untouched(model, True), torch.no_grad():
-        idx = _targets(class_scores(model, x, _select_output(model(x))), target)
+    with frozen(model), torch.no_grad():
+        idx = class_targets(class_scores(model, x, model_output(model(x))), target)
     rows: list[dict] = []
     curves: dict[str, dict[str, PerturbationCurve]] = {}
     heatmaps: dict[str, Tensor] = {}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..baselines import target_scores
-from ..explain import TargetSpec, _lock_for, _select_output, _targets, _untouched
+from ..engine import TargetSpec, class_targets, frozen, model_lock, model_output
 from .features import PatchSpec, Regions
 
 Tensor = torch.Tensor
@@ -217,16 +217,16 @@ def perturbation_curve(
 
     n = x.shape[0]
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
-    with _lock_for(model), _untouched(model, True), torch.no_grad():
-        out = class_scores(model, x, _select_output(model(x)))
-        idx = _targets(out, target)
+    with model_lock(model), frozen(model), torch.no_grad():
+        out = class_scores(model, x, model_output(model(x)))
+        idx = class_targets(out, target)
         scores[:, 0] = score_of(out, idx).double().cpu()
         pairs = torch.cartesian_prod(torch.arange(n), torch.arange(1, steps + 1)).to(x.device)
         for chunk in pairs.split(max(1, batch_size)):
             s, k = chunk[:, 0], chunk[:, 1]
             removed = regions.expand(rank[s] < counts[k][:, None])
             perturbed = torch.where(removed, values[s], x[s])
-            result = score_of(_select_output(model(perturbed)), None if idx is None else idx[s])
+            result = score_of(model_output(model(perturbed)), None if idx is None else idx[s])
             scores[s.cpu(), k.cpu()] = result.double().cpu()
     fractions = counts.cpu().numpy() / regions.count
     return PerturbationCurve(fractions, scores.numpy(), order, None if idx is None else idx.cpu().numpy())

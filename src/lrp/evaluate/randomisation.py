@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..explain import TargetSpec, _select_output, _targets, _untouched, explain
+from ..explain import explain
+from ..engine import TargetSpec, class_targets, frozen, model_output
 from .methods import MethodSpec, method_name, resolve_method
 from .similarity import SIMILARITIES
 
@@ -64,7 +65,7 @@ def parameter_layers(model: torch.nn.Module, x: Tensor) -> list[str]:
             handles.append(module.register_forward_hook(
                 lambda m, i, o, name=name: order.append(name) if name not in order else None))
     try:
-        with _untouched(model, True), torch.no_grad():
+        with frozen(model), torch.no_grad():
             model(x[:1])
     finally:
         for h in handles:
@@ -129,10 +130,10 @@ def randomisation_check(
     if missing:
         raise ValueError(f"no module named {missing[0]!r} in the model; module names look like "
                          f"{[n for n in names if n][:4]}")
-    with _untouched(model, True), torch.no_grad():
-        out = _select_output(model(x))
+    with frozen(model), torch.no_grad():
+        out = model_output(model(x))
     if out.ndim == 2 and out.shape[1] >= 2 or out.ndim > 2:
-        idx = _targets(out, target)
+        idx = class_targets(out, target)
     else:  # one score: the class lrp.explain explains (a binary sigmoid head: the predicted one of two)
         idx = explain(model, x, target, composite="epsilon").target
     reference = relevance_of(model, x, idx)

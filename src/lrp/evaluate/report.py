@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..explain import _select_output, _targets, _untouched
+from ..engine import class_targets, frozen, model_output
 from .compare import Comparison, compare, write_csv
 from .methods import MethodSpec, resolve_method
 from .randomisation import randomisation_check
@@ -307,8 +307,8 @@ def _table(rows: list[dict], keys: Sequence[str]) -> str:
 
 def _explain_all(model: torch.nn.Module, x: Tensor, methods: Mapping[str, MethodSpec], log) -> tuple[dict, dict]:
     """Each method's relevance for ``x`` (the predicted class), and its time per input after one warm-up call."""
-    with _untouched(model, True), torch.no_grad():
-        idx = _targets(_select_output(model(x)), None)
+    with frozen(model), torch.no_grad():
+        idx = class_targets(model_output(model(x)), None)
     heatmaps, ms = {}, {}
     for name, spec in methods.items():
         relevance_of = resolve_method(spec)

@@ -1,61 +1,20 @@
 """Autograd functions whose backward pass is an LRP rule in gradient form (``R = a * g``).
 
 The forward of each is the original computation, so the model's output is unchanged; only the backward
-differs from the plain gradient.
-
-Precision: a backward never computes in half precision. It runs with autocast off (for the device of its
-tensors) and in :func:`working_dtype` (float32 for float16/bfloat16 tensors, float64 stays float64), and
-casts its result back to the dtype of the input it belongs to, clamped to that dtype's finite range. So a
-model under ``torch.autocast`` or held in bfloat16/float16 gets the same rules as in float32, and the result
-does not depend on whether the autograd engine propagates the autocast state to the thread that runs the
-backward (on CUDA it does not, and mixed-dtype convolutions in a rule would fail).
+differs from the plain gradient. Every backward follows the precision policy of :mod:`lrp.engine.precision`.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable
 
 import torch
 
+from ..errors import RuleError
+from ..rules import stabilize
+from .precision import no_autocast, restore, to_working, working_dtype
+
 Tensor = torch.Tensor
-
-
-def working_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """The dtype relevance is computed in: float64 if any floating-point tensor given is float64, else float32
-    (float16 and bfloat16 lack the range and precision for the rules' sums and stabilised divisions)."""
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
-
-
-def to_working(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
-
-
-def restore(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` cast to ``dtype`` (the dtype autograd expects), clamped to its finite range when ``dtype`` is
-    narrower: a modified gradient too large for float16 becomes its largest value, not ``inf`` (whose product
-    with a zero activation would be ``nan``)."""
-    if t.dtype == dtype:
-        return t
-    if t.is_floating_point() and torch.finfo(dtype).max < torch.finfo(t.dtype).max:
-        big = torch.finfo(dtype).max
-        t = t.clamp(-big, big)
-    return t.to(dtype)
-
-
-@contextmanager
-def no_autocast(device_type: str) -> Iterator[None]:
-    """Autocast off for ``device_type`` (taken from the tensors; nothing to do where autocast does not exist)."""
-    try:
-        context = torch.autocast(device_type, enabled=False)
-    except (RuntimeError, ValueError, AssertionError):  # a device type without autocast (e.g. "meta")
-        yield
-        return
-    with context:
-        yield
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -65,24 +24,31 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 class LayerFunction(torch.autograd.Function):
-    """A dense or convolution layer; backward: the rule the composite chose (see ``lrp.rules``)."""
+    """A dense or convolution layer; backward: the rule the composite chose (see ``lrp.rules``). The layer's
+    output is not saved here: the rule reads ``record.held`` (see ``LayerRecord``), released as soon as the
+    layer's backward has run. The input is saved unless the rule, already known during the forward, says it
+    does not read it (``LayerRule.needs_input``: epsilon and LRP-0 on dense layers)."""
 
     @staticmethod
     def forward(ctx: Any, a: Tensor, weight: Tensor, bias: Any, record: Any) -> Tensor:
         z = record.op.forward(a, weight, bias)
-        ctx.record = record
-        ctx.save_for_backward(a, z)
+        ctx.record, ctx.dtype, ctx.device_type = record, a.dtype, a.device.type
+        rule = record.early_rule
+        ctx.keeps_input = rule is None or rule.needs_input(record.op)
+        if ctx.keeps_input:
+            ctx.save_for_backward(a)
         return z
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        a, z = ctx.saved_tensors
+        a = ctx.saved_tensors[0] if ctx.keeps_input else None
         record = ctx.record
+        z = record.held
         dtype = working_dtype(a, z, g, record.weight)
-        with no_autocast(a.device.type):
-            g_a = record.trace.layer_backward(record, to_working(a, dtype), to_working(z, dtype),
-                                              to_working(g, dtype))
-        return (None if g_a is None else restore(g_a, a.dtype)), None, None, None
+        with no_autocast(ctx.device_type):
+            g_a = record.propagation.layer_backward(record, None if a is None else to_working(a, dtype),
+                                                    to_working(z, dtype), to_working(g, dtype))
+        return (None if g_a is None else restore(g_a, ctx.dtype)), None, None, None
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -105,44 +71,48 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 class IdentityRuleFunction(torch.autograd.Function):
-    """Elementwise non-linearity ``y = f(x)`` with the identity rule ``R_x = R_y``: ``g_x = g_y y / x``."""
+    """Elementwise non-linearity ``y = f(x)`` with the identity rule ``R_x = R_y``: ``g_x = g_y y / x``. Only
+    ``x`` is saved (as for the gradient); ``y`` is recomputed in the working dtype in the backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
-        y = compute(x)
-        ctx.save_for_backward(x, y)
-        return y
+        ctx.compute = compute
+        ctx.save_for_backward(x)
+        return compute(x)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        x, y = ctx.saved_tensors
-        dtype = working_dtype(x, y, g)
-        with no_autocast(x.device.type):
-            g_x = _safe_ratio(to_working(g, dtype) * to_working(y, dtype), to_working(x, dtype))
+        (x,) = ctx.saved_tensors
+        dtype = working_dtype(x, g)
+        with torch.no_grad(), no_autocast(x.device.type):
+            x_ = to_working(x, dtype)
+            y = to_working(ctx.compute(x_), dtype)
+            g_x = _safe_ratio(to_working(g, dtype) * y, x_)
         return restore(g_x, x.dtype), None
 
 
 class MaxAsAveragePoolFunction(torch.autograd.Function):
     """Max-pooling whose relevance is redistributed as by average pooling over the same windows:
-    ``R_i = sum_k x_i R_k / sum_{j in k} x_j``, i.e. ``g_x = avgpool^T (g y / s(avgpool(x)))``."""
+    ``R_i = sum_k x_i R_k / sum_{j in k} x_j``, i.e. ``g_x = avgpool^T (g y / s(avgpool(x)))``; ``y`` is
+    recomputed in the backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, compute: Callable[[Tensor], Tensor],
                 average: Callable[[Tensor], Tensor]) -> Tensor:
-        y = compute(x)
-        ctx.average = average
-        ctx.save_for_backward(x, y)
-        return y
+        ctx.compute, ctx.average = compute, average
+        ctx.save_for_backward(x)
+        return compute(x)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        from .rules import stabilize
-        x, y = ctx.saved_tensors
-        dtype = working_dtype(x, y, g)
+        (x,) = ctx.saved_tensors
+        dtype = working_dtype(x, g)
         with torch.enable_grad(), no_autocast(x.device.type):
             x_ = to_working(x.detach(), dtype).requires_grad_(True)
+            with torch.no_grad():
+                y = ctx.compute(x_.detach())
             mean = ctx.average(x_)
-            u = to_working(g, dtype) * to_working(y, dtype) / stabilize(mean.detach(), 1e-12)
+            u = to_working(g, dtype) * y / stabilize(mean.detach(), 1e-12)
             (g_x,) = torch.autograd.grad(mean, x_, u)
         return restore(g_x, x.dtype), None, None
 
@@ -164,7 +134,6 @@ class ModuleRuleFunction(torch.autograd.Function):
             x_, y_ = to_working(x, dtype), to_working(y, dtype)
             relevance_in = ctx.rule.relevance(x_, y_, to_working(g, dtype) * y_)
             if relevance_in.shape != x.shape:
-                from .errors import RuleError
                 raise RuleError(f"{ctx.rule!r} for module '{ctx.name}' returned relevance of shape "
                                 f"{tuple(relevance_in.shape)}; the module input has shape {tuple(x.shape)}")
             g_x = _safe_ratio(to_working(relevance_in, dtype), x_)
@@ -187,27 +156,30 @@ class ScaleGradientFunction(torch.autograd.Function):
 
 class SoftmaxFunction(torch.autograd.Function):
     """Softmax. Inside attention (its output multiplies another activation) the AttnLRP rule
-    ``R_x = x (R_y - y sum_j R_y_j)``, which in gradient form is the softmax's own gradient; elsewhere (e.g. at
-    the output of a classifier) the identity rule ``R_x = R_y``."""
+    ``R_x = x (R_y - y sum_j R_y_j)``, which in gradient form is the softmax's own gradient and needs only
+    ``y``; elsewhere (e.g. at the output of a classifier) the identity rule ``R_x = R_y``, which also needs the
+    input, kept by ``record`` (a ``SoftmaxRecord``) until the softmax turns out to be attention."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, compute: Callable[[Tensor], Tensor], record: Any) -> Tensor:
         y = compute(x)
-        ctx.dim, ctx.record = dim, record
-        ctx.save_for_backward(x, y)
+        ctx.dim, ctx.record, ctx.dtype = dim, record, x.dtype
+        ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        x, y = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
+        record = ctx.record
+        x = record.x
         dtype = working_dtype(x, y, g)
-        with no_autocast(x.device.type):
+        with no_autocast(y.device.type):
             g, y_ = to_working(g, dtype), to_working(y, dtype)
-            if ctx.record.attention:
+            if record.attention or x is None:
                 g_x = y_ * (g - (g * y_).sum(ctx.dim, keepdim=True))
             else:
                 g_x = _safe_ratio(g * y_, to_working(x, dtype))
-        return restore(g_x, x.dtype), None, None, None
+        return restore(g_x, ctx.dtype), None, None, None
 
 
 class LinearizedFunction(torch.autograd.Function):

@@ -40,10 +40,12 @@ class LinearOp:
         return conv_t(a, weight, bias, self.stride, self.padding, self.output_padding, self.groups,
                       self.dilation)
 
-    def vjp(self, u: Tensor, weight: Tensor, a: Tensor) -> Tensor:
-        """``W^T u``: the input gradient of the map at output gradient ``u`` (``a`` gives the shape)."""
+    def vjp(self, u: Tensor, weight: Tensor, a: Optional[Tensor]) -> Tensor:
+        """``W^T u``: the input gradient of the map at output gradient ``u`` (a convolution's input ``a`` gives
+        the shape; a dense layer needs none)."""
         if self.kind == "linear":
             return u.matmul(weight)
+        assert a is not None, "a convolution's vjp takes the input's shape from the input"
         if isinstance(self.padding, str):  # "same"/"valid": let autograd find the padding
             with torch.enable_grad():
                 a_ = a.detach().requires_grad_(True)

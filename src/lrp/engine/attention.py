@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import UnsupportedOperationError
+from ..errors import UnsupportedOperationError
 
 Tensor = torch.Tensor
 

@@ -49,7 +49,7 @@ GRADIENT = ROUTE | LINEAR | PIECEWISE_LINEAR
 #            dtype) or ALL (every tensor that is not boolean),
 #            number operands that are values: ALL, or ((position, keyword), ...); the other numbers are
 #            dimensions, sizes, paddings or shifts, whose sign says nothing)
-# ``Trace._keeps_nonnegative`` applies it; SUBTRACT and DIVISION have checks of their own there. Left out on
+# ``lrp.engine.signs`` applies it; SUBTRACT and DIVISION have checks of their own there. Left out on
 # purpose: alpha dropout (training mode writes a negative value), bicubic resampling (it overshoots; see
 # RESAMPLING_KEEPS_SIGN), anything whose value operands are not spelled out here.
 NONNEGATIVE_OUTPUT = frozenset("relu abs".split())
@@ -126,8 +126,26 @@ def out_of_place(name: str) -> str:
     return name
 
 
+_NAMES: dict = {}
+
+
 def op_name(func) -> str:
-    """Canonical name of an intercepted torch function (``F._max_pool2d`` -> ``max_pool2d``)."""
+    """Canonical name of an intercepted torch function (``F._max_pool2d`` -> ``max_pool2d``), cached."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable
+        pass
+    name = _name(func)
+    if len(_NAMES) > 4096:  # functions made on the fly (partials, lambdas): do not grow without bound
+        _NAMES.clear()
+    try:
+        _NAMES[func] = name
+    except TypeError:
+        pass
+    return name
+
+
+def _name(func) -> str:
     name = getattr(func, "__name__", None) or str(func)
     if isinstance(func, torch._ops.OpOverload):  # aten ops of exported programs: "conv2d.default" -> "conv2d"
         name = name.split(".")[0]

@@ -1,0 +1,345 @@
+"""Capture: the operations a model's forward actually runs, with the module each one runs in.
+
+A :class:`Trace` intercepts every torch function during one eager forward (``TorchFunctionMode``), so
+functional ops (``torch.flatten``, ``+``, ``torch.cat``, ``F.relu``), a module called twice, weights shared
+by two calls and data-dependent control flow are all seen as they happen. Forward hooks on every module,
+removed again when the capture ends, keep the stack of modules an op runs in. :meth:`Trace.dispatch` does the
+bookkeeping every op shares (in-place results, uses of layer outputs, signs) and hands the op to its entry in
+the op registry (``lrp.engine.ops``), which replaces layer ops, BatchNorm and non-linearities by the autograd
+functions of ``lrp.engine.functions``. What the capture learns about a tensor is one :class:`TensorFacts`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..composites import Composite, module_rule_for
+from ..errors import RuleError
+from . import ops, optable, signs
+from .functions import ModuleRuleFunction
+from .records import BatchNormRecord, LayerRecord, TensorFacts
+from .trees import gradient_free, map_tensors, needs_grad, tensors
+
+Tensor = torch.Tensor
+_CONV_MODULES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, trace: "Trace"):
+        super().__init__()
+        self.trace = trace
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.trace.dispatch(func, args, kwargs or {})
+
+
+class Trace:
+    """What one forward under :meth:`capture` ran: its layer and BatchNorm calls and the facts about its
+    tensors."""
+
+    def __init__(self, model: torch.nn.Module, composite: Composite, x: Tensor):
+        self.model = model
+        self.composite = composite
+        self.x = x
+        self.layers: list[LayerRecord] = []
+        self.batchnorms: list[BatchNormRecord] = []
+        self.known: dict[int, TensorFacts] = {}
+        self.superseding = False  # an in-place op has run out of place (``fresh`` has work to do)
+        comp = composite
+        self.composite_sees_rectified = all(
+            rule.sees_rectified_output()
+            for rule in (comp.default, *comp.by_type.values(), *comp.by_position.values(), *comp.by_name.values()))
+        # an image: channels plus 2 or 3 spatial dimensions (what the "pixels" position key needs)
+        self.image_input = x.is_floating_point() and x.ndim in (4, 5)
+        if x.is_floating_point():
+            self.note(x).route = (_identity, x)
+        self.stack: list[tuple[str, torch.nn.Module, Any, Any]] = []
+        self.names = {module: name for name, module in model.named_modules()}
+        self.calls: dict[str, int] = {}
+        self.opaque = 0
+        self.trusted = 0
+        self.decomposing = 0
+        self.token_leaves: list[Tensor] = []  # embedding outputs when the model input is token ids
+
+    # ------------------------------------------------------------------ facts about tensors
+    def facts(self, t: Tensor) -> Optional[TensorFacts]:
+        entry = self.known.get(id(t))
+        return entry if entry is not None and entry.alive(t) else None
+
+    def note(self, t: Tensor) -> TensorFacts:
+        """The facts about ``t``, created empty when there are none yet."""
+        entry = self.facts(t)
+        if entry is None:
+            entry = self.known[id(t)] = TensorFacts(weakref.ref(t))
+        return entry
+
+    def is_nonnegative(self, t: Tensor) -> bool:
+        entry = self.facts(t)
+        return entry is not None and entry.nonnegative
+
+    def supersede(self, old: Tensor, new: Tensor) -> None:
+        """An in-place op on ``old`` ran out of place and made ``new``: later uses of ``old`` get ``new``."""
+        self.note(old).superseded = new
+        self.superseding = True
+
+    # ------------------------------------------------------------------ capture
+    def capture(self) -> "_Capture":
+        return _Capture(self)
+
+    def mode(self) -> TorchFunctionMode:
+        """A function mode that sends ops to this trace (entered again by ops that run decomposed)."""
+        return _Mode(self)
+
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        rule = None if (self.opaque or self.trusted) else module_rule_for(module, self.composite)
+        name = self.names.get(module, type(module).__name__)
+        self.stack.append((name, module, rule, (args, kwargs)))
+        if rule is not None:
+            if rule.opaque:
+                self.opaque += 1
+            else:
+                self.trusted += 1
+
+    def _post_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        result = self._module_rule(module, output)
+        if module is self.model:  # relevance starts at the model's output: a use of it
+            final = self.fresh(output if result is None else result)
+            self.consume((final, getattr(final, "logits", None)))
+        return result
+
+    def _module_rule(self, module: torch.nn.Module, output: Any) -> Any:
+        name, _, rule, call_args = self.stack.pop()
+        if rule is None:
+            return None
+        if not rule.opaque:
+            self.trusted -= 1
+            return None
+        self.opaque -= 1
+        if self.opaque or output is None:
+            return None
+        inputs = [t for t in tensors(self.fresh(call_args)) if t.requires_grad]
+        if not inputs:
+            return None
+        if len(inputs) > 1 or not isinstance(output, Tensor):
+            raise RuleError(f"{rule!r} registered for module '{name}' ({type(module).__name__}) needs a module with "
+                            f"one input that depends on the model input and one tensor output; this call has "
+                            f"{len(inputs)} such inputs and returns {type(output).__name__}")
+        self.consume(inputs)  # the ops inside ran without gradient: the rule is the input's one use here
+        return ModuleRuleFunction.apply(inputs[0], output.detach(), rule, name)
+
+    def where(self) -> str:
+        if not self.stack:
+            return "the model's forward"
+        name, module, _, _ = self.stack[-1]
+        return f"module '{name or '<model>'}' ({type(module).__name__})"
+
+    def layer_name(self, op_name: str) -> tuple[str, Optional[torch.nn.Module]]:
+        """The name of a layer call: the module's path (``"features.3"``; ``"block:linear"`` for a functional
+        call inside module ``block``), with ``#k`` for the k-th repeated call."""
+        if self.stack:
+            path, module, _, _ = self.stack[-1]
+        else:
+            path, module = "", None
+        base = path if isinstance(module, _CONV_MODULES) else f"{path}:{op_name}" if path else op_name
+        count = self.calls.get(base, 0)
+        self.calls[base] = count + 1
+        return (base if count == 0 else f"{base}#{count}"), module
+
+    # ------------------------------------------------------------------ dispatch
+    def fresh(self, obj: Any) -> Any:
+        """Replace tensors that an in-place op (run out of place here) has superseded by their new value."""
+        if not self.superseding:
+            return obj
+
+        def latest(t: Tensor) -> Tensor:
+            entry = self.facts(t)
+            while entry is not None and entry.superseded is not None:
+                t = entry.superseded
+                entry = self.facts(t)
+            return t
+        return map_tensors(obj, latest)
+
+    def dispatch(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Every torch function the forward calls comes here. What the op does to the relevance is up to its
+        registry entry; what it does to the bookkeeping is done here, once, for every op: it counts as a use of
+        its operands (BatchNorm merging needs to know that a layer output feeds nothing else), its output may
+        be known to be >= 0, and a ReLU's output may stand in for the layer output it rectifies."""
+        args, kwargs = self.fresh(args), self.fresh(kwargs)
+        if self.opaque:  # inside a module with an opaque rule: no gradient (the rule's input is counted there)
+            with torch.no_grad():
+                return func(*args, **kwargs)
+        name = optable.op_name(func)
+        out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
+        if name == "__setitem__" or not gradient_free(out):
+            self.consume((args, kwargs))
+        if self.trusted or not needs_grad(out):
+            return out
+        name = optable.out_of_place(name)  # ``relu_``, ``x += y`` are run out of place, as ``relu``, ``x + y``
+        if signs.output_nonnegative(name, args, kwargs, self.is_nonnegative):
+            for t in tensors(out):
+                if t.is_floating_point():
+                    self.note(t).nonnegative = True
+        if name == "relu" and isinstance(out, Tensor):
+            self._rectified(args[0] if args else kwargs.get("input"), out)
+        return out
+
+    def consume(self, obj: Any) -> None:
+        """Count a use of each input-dependent tensor in ``obj``; a BatchNorm is merged into the layer before it
+        only if the layer's output has exactly one use, the BatchNorm. Called for every op (``dispatch``), for
+        the input of a module rule and for the model's output (where relevance starts): nothing else consumes
+        a tensor. A second use of a layer output stage brings it back as what the layer's rule sees."""
+        for t in tensors(obj):
+            if not t.requires_grad:
+                continue
+            entry = self.facts(t)
+            if entry is None or entry.producer is None:
+                continue
+            layer = entry.producer
+            if entry.stage == "z":
+                layer.uses += 1
+                if layer.uses > 1 and (layer.held_stage != "z" or layer.rectified):
+                    layer.held, layer.held_stage, layer.rectified = t.detach(), "z", False
+            else:
+                layer.bn_uses += 1
+                if layer.bn_uses > 1 and layer.held_stage == "bn" and layer.rectified:
+                    layer.held, layer.rectified = t.detach(), False
+
+    def _rectified(self, x: Any, out: Tensor) -> None:
+        """``out = relu(x)``: if ``x`` is a layer's output stage used only here, the layer's rule may see
+        ``out`` instead (see ``LayerRecord``), which autograd keeps for the ReLU anyway."""
+        entry = self.facts(x) if isinstance(x, Tensor) else None
+        if entry is None or entry.producer is None:
+            return
+        layer = entry.producer
+        rule = layer.early_rule
+        if not (rule.sees_rectified_output() if rule is not None else self.composite_sees_rectified):
+            return
+        uses = layer.uses if entry.stage == "z" else layer.bn_uses
+        if uses == 1 and layer.held_stage == entry.stage and not layer.rectified and out.shape == x.shape:
+            layer.held, layer.rectified = out.detach(), True
+
+    # ------------------------------------------------------------------ what ops remember
+    def follow(self, source: Tensor, out: Any) -> None:
+        """Gates and attention weights stay what they are through reshapes, expansions and dropout."""
+        entry = self.facts(source)
+        if entry is None or not (entry.gate or entry.softmax is not None):
+            return
+        for t in tensors(out):
+            facts = self.note(t)
+            facts.gate = facts.gate or entry.gate
+            facts.softmax = facts.softmax or entry.softmax
+
+    def mark_head(self, name: str, x: Tensor, dim: Any, out: Tensor) -> None:
+        """Remember ``out`` as a possible output head: any sigmoid; a softmax or log-softmax only over the class
+        dimension of a (batch, classes) input (a softmax elsewhere, e.g. inside attention, is no head)."""
+        if name != "sigmoid":
+            if dim is None:  # F.softmax's implicit dimension: 1 for a 2-D input
+                dim = 0 if x.ndim in (0, 1, 3) else 1
+            if x.ndim != 2 or dim not in (1, -1):
+                return
+        self.note(out).head = (name, x)
+
+    def head_of(self, out: Tensor) -> Optional[tuple[str, Tensor]]:
+        """``(kind, logits)`` when the model output ``out`` is a head's output (or a pure reshape of it);
+        ``logits``, the head's input reshaped like ``out``, is still part of the autograd graph."""
+        entry = self.facts(out)
+        if entry is None or entry.head is None:
+            return None
+        kind, head_input = entry.head
+        if kind != "sigmoid" and (out.ndim != 2 or head_input.shape != out.shape):
+            return None  # a softmax head only when the output is (batch, classes)
+        return kind, head_input.reshape(out.shape)
+
+    def route_of(self, t: Tensor) -> Optional[tuple[Callable[[Tensor], Any], Tensor]]:
+        entry = self.facts(t)
+        return entry.route if entry is not None else None
+
+    def mark_routed(self, func: Callable, args: tuple, kwargs: dict, out: Any, grad_args: list) -> None:
+        """Remember how to re-derive ``out`` from the model input when it is a re-indexing of it."""
+        routes = [self.route_of(t) for t in grad_args]
+        if any(route is None for route in routes):
+            return
+        roots = {id(route[1]) for route in routes if route is not None}
+        if len(roots) != 1:
+            return
+        root = routes[0][1]  # type: ignore[index]  # checked above: every operand has a route
+        replays = {id(t): route[0] for t, route in zip(grad_args, routes) if route is not None}
+
+        def replay_all(xs: Tensor) -> Any:
+            def swap(t: Tensor) -> Tensor:
+                return replays[id(t)](xs) if id(t) in replays else t.detach()
+            return func(*map_tensors(args, swap), **map_tensors(kwargs, swap))
+
+        outputs = list(tensors(out))
+        for i, t in enumerate(outputs):
+            if isinstance(out, Tensor):
+                self.note(t).route = (replay_all, root)
+            else:
+                def nth(xs: Tensor, i: int = i) -> Tensor:
+                    return list(tensors(replay_all(xs)))[i]
+                self.note(t).route = (nth, root)
+
+    def forward_done(self) -> None:
+        """The forward is over: drop the facts about its tensors (what the backward needs is in the records)."""
+        self.known.clear()
+        self.stack.clear()
+
+    def release(self) -> None:
+        """Drop every tensor and record this trace holds. Autograd nodes keep records alive, so without this
+        the activations of each call would stay in memory."""
+        for layer in self.layers:
+            layer.replay = layer.root = layer.held = None
+            layer._effective = None
+            layer.propagation = None
+            layer.bn = None  # layer <-> BatchNorm record is a reference cycle: break it, so refcounts free both
+        for bn in self.batchnorms:
+            bn.producer = None
+        self.layers.clear()
+        self.batchnorms.clear()
+        self.token_leaves.clear()
+        self.forward_done()
+
+
+class _Capture:
+    """Context manager: module hooks and the function mode, all removed on exit (also on error)."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.handles: list = []
+        self.mode: Optional[TorchFunctionMode] = None
+
+    def __enter__(self) -> Trace:
+        trace = self.trace
+        try:
+            for module in trace.model.modules():
+                self.handles.append(module.register_forward_pre_hook(trace._pre_hook, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(trace._post_hook, with_kwargs=True,
+                                                                 always_call=True))
+            self.mode = trace.mode()
+            self.mode.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        return trace
+
+    def _remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.mode is not None:
+                self.mode.__exit__(*exc)
+        finally:
+            self._remove()
+
+

@@ -1,0 +1,467 @@
+"""The op registry: one entry per torch op name, saying how the op carries relevance.
+
+:func:`handle` looks the op up and runs its entry; ``Trace.dispatch`` has already done the bookkeeping every
+op shares. Entries for the families of ``optable`` (plain gradient, identity rule, products, division,
+max-pooling) and the ops with a rule of their own (layers, BatchNorm, softmax, normalisations, embeddings,
+fused attention) are registered below with :func:`register`. To support a new op, register one handler
+``handler(trace, name, func, args, kwargs) -> output`` for its name; it runs only when an operand depends on
+the model input (``own=True``: always, and it also handles ``inplace=True`` itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..composites import LayerInfo
+from ..errors import UnsupportedOperationError
+from . import attention, optable
+from .functions import (BatchNormFunction, IdentityRuleFunction, LayerFunction, LinearizedFunction,
+                        MaxAsAveragePoolFunction, ScaleGradientFunction, SoftmaxFunction)
+from .layers import make_linear_op
+from .records import BatchNormRecord, LayerRecord, SoftmaxRecord
+from .trees import first, grad_tensors, map_tensors, needs_grad, signature, tensors
+
+if TYPE_CHECKING:
+    from .capture import Trace
+
+Tensor = torch.Tensor
+Handler = Callable[["Trace", str, Callable, tuple, dict], Any]
+
+
+@dataclass(frozen=True)
+class Entry:
+    handler: Handler
+    own: bool = False  # runs also without input-dependent operands, and handles ``inplace=`` itself
+
+
+REGISTRY: dict[str, Entry] = {}
+
+
+def register(names: Any, *, own: bool = False) -> Callable[[Handler], Handler]:
+    """Register ``handler`` for each op name in ``names`` (one name or an iterable of names)."""
+    def add(handler: Handler) -> Handler:
+        for name in ([names] if isinstance(names, str) else names):
+            if name in REGISTRY:
+                raise ValueError(f"op {name!r} is registered twice")
+            REGISTRY[name] = Entry(handler, own)
+        return handler
+    return add
+
+
+_POSITIONAL_INPLACE = frozenset("relu relu6 elu selu celu leaky_relu hardtanh threshold rrelu dropout dropout1d "
+                                "dropout2d dropout3d alpha_dropout feature_alpha_dropout silu hardswish mish".split())
+
+
+def handle(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run op ``name`` during the capture, as its registry entry says."""
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.own:
+        return entry.handler(trace, name, func, args, kwargs)
+    if name in optable.INPLACE_DUNDER or (name.endswith("_") and not name.startswith("__")
+                                          and name not in optable.KEEP_INPLACE) or name == "__setitem__":
+        return _inplace(trace, func, name, args, kwargs)
+    source = None
+    if kwargs.get("inplace") or (name in _POSITIONAL_INPLACE and len(args) > 1):
+        args, kwargs, source = _without_inplace(func, args, kwargs)
+    grad_args = grad_tensors((args, kwargs))
+    if not grad_args:
+        out = func(*args, **kwargs)
+    elif entry is not None:
+        out = entry.handler(trace, name, func, args, kwargs)
+    else:
+        out = func(*args, **kwargs)
+        if needs_grad(out):
+            raise unsupported(trace, name)
+    if source is not None and out is not source:
+        trace.supersede(source, out)
+    return out
+
+
+def unsupported(trace: "Trace", name: str) -> UnsupportedOperationError:
+    detail = ""
+    if name in optable.DIVISION:
+        detail = " Here the divisor depends on the input, so it is not a linear map of the input."
+    return UnsupportedOperationError(
+        f"lrp has no relevance rule for torch op '{name}' called in {trace.where()}.{detail} Explaining past it "
+        f"would give a silently wrong heatmap. Ways out: if the op sits in a module of your own, register a rule "
+        f"for that module type with lrp.register_module_rule(YourModule, lrp.rules.Pass()) (elementwise: "
+        f"relevance passes through) or lrp.rules.Gradient() (linear or piecewise-linear through zero), or "
+        f"subclass lrp.rules.ModuleRule.")
+
+
+# --------------------------------------------------------------------------- in place
+
+def _without_inplace(func: Callable, args: tuple, kwargs: dict) -> tuple:
+    """Rewrite ``f(x, inplace=True)`` as ``f(x, inplace=False)``; later uses of ``x`` see the result."""
+    source = next(iter(tensors(args)), None)
+    if source is None or not source.requires_grad:
+        return args, kwargs, None
+    sig = signature(func)
+    if sig is None:
+        return args, {**kwargs, "inplace": False}, source
+    bound = sig.bind(*args, **kwargs)
+    if not bound.arguments.get("inplace"):
+        return args, kwargs, None
+    bound.arguments["inplace"] = False
+    return tuple(bound.args), dict(bound.kwargs), source
+
+
+def _inplace(trace: "Trace", func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+    """An in-place op on an input-dependent tensor, run out of place (the result supersedes the target)."""
+    target = args[0] if args else None
+    if not needs_grad((args, kwargs)) or not isinstance(target, Tensor):
+        return func(*args, **kwargs)
+    if name == "__setitem__":
+        new = target.clone()
+        new.__setitem__(*args[1:], **kwargs)
+        trace.supersede(target, new)
+        return None
+    plain = optable.INPLACE_DUNDER.get(name, name.rstrip("_"))
+    out_of_place = getattr(torch.Tensor, plain, None)
+    if out_of_place is None or target._base is not None:
+        raise UnsupportedOperationError(
+            f"in-place op '{name}' in {trace.where()} writes into "
+            f"{'a view of ' if target._base is not None else ''}a tensor that depends on the input; lrp "
+            f"cannot follow it. Write it out of place (e.g. 'y = x.{plain}(...)' instead of 'x.{name}(...)').")
+    new = handle(trace, optable.op_name(out_of_place), out_of_place, args, kwargs)
+    if new is not target:
+        trace.supersede(target, new)
+    return new
+
+
+# --------------------------------------------------------------------------- the optable families
+
+@register(optable.GRADIENT - optable.MAXPOOL)
+def _gradient(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Re-indexing, linear and piecewise-linear ops: the gradient is their LRP rule."""
+    out = func(*args, **kwargs)
+    if not needs_grad(out):
+        return out
+    if name in optable.ROUTE:
+        grad_args = grad_tensors((args, kwargs))
+        trace.mark_routed(func, args, kwargs, out, grad_args)
+        if len(grad_args) == 1:
+            trace.follow(grad_args[0], out)
+            if name in optable.RESHAPE and isinstance(out, Tensor):
+                entry = trace.facts(grad_args[0])
+                if entry is not None and entry.head is not None:
+                    trace.note(out).head = entry.head
+    return out
+
+
+@register(optable.MAXPOOL)
+def _max_pool(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Winner-take-all (the gradient), or with ``maxpool="average"`` relevance split as by average pooling."""
+    if trace.composite.maxpool != "average":
+        return func(*args, **kwargs)
+    x = args[0]
+    dims = int(name.split("pool")[1][0])
+    pool: Callable[..., Tensor]
+    if name.startswith("adaptive"):
+        size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+        pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[dims - 1]
+
+        def average(t: Tensor) -> Tensor:
+            return pool(t, size)
+    else:
+        keys = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        p = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, **dict(zip(keys, args[1:])),
+             **{k: v for k, v in kwargs.items() if k in keys}}
+        if p["dilation"] not in (1, (1,) * dims, [1] * dims):
+            raise UnsupportedOperationError(
+                f"maxpool='average' cannot treat the dilated max-pooling in {trace.where()} as average pooling; "
+                f"use the default maxpool='max' (winner-take-all)")
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
+
+        def average(t: Tensor) -> Tensor:
+            return pool(t, p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"], True)
+    values = MaxAsAveragePoolFunction.apply(x, lambda t: first(func(t, *args[1:], **kwargs)), average)
+    if name.endswith("with_indices") or kwargs.get("return_indices"):
+        return values, func(x.detach(), *args[1:], **kwargs)[1]
+    return values
+
+
+@register(optable.IDENTITY)
+def _identity_rule(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Elementwise non-linearities: ``R_x = R_y``."""
+    grad_args = grad_tensors((args, kwargs))
+    if not (len(grad_args) == 1 and args and args[0] is grad_args[0]):
+        out = func(*args, **kwargs)
+        if needs_grad(out):
+            raise unsupported(trace, name)  # e.g. clamp with bounds computed from the input
+        return out
+    rest = args[1:]
+    out = IdentityRuleFunction.apply(args[0], lambda t: func(t, *rest, **kwargs))
+    if name in optable.GATES:
+        trace.note(out).gate = True
+    if name in optable.HEADS:
+        trace.mark_head(name, args[0], args[1] if len(args) > 1 else kwargs.get("dim"), out)
+    return out
+
+
+@register(optable.PRODUCT)
+def _product(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Linear in one input-dependent factor (the gradient). A product of activations: a gate (sigmoid-like
+    factor) passes all relevance to the signal; otherwise the AttnLRP uniform rule gives each of the k
+    factors 1/k of the product's relevance (CP-LRP: attention weights held fixed)."""
+    grad_args = grad_tensors((args, kwargs))
+    if len(grad_args) < 2:
+        return func(*args, **kwargs)
+    softmaxes = [(t, trace.facts(t)) for t in grad_args]
+    weights = [t for t, entry in softmaxes if entry is not None and entry.softmax is not None]
+    for t, entry in softmaxes:
+        if entry is not None and entry.softmax is not None:
+            entry.softmax.mark_attention()
+    if weights and trace.composite.attention == "cp":
+        held = {id(t) for t in weights}
+        free = [t for t in grad_args if id(t) not in held]
+        out = func(*map_tensors(args, lambda t: t.detach() if id(t) in held else t),
+                   **map_tensors(kwargs, lambda t: t.detach() if id(t) in held else t))
+        return out if len(free) <= 1 else ScaleGradientFunction.apply(out, 1.0 / len(free))
+    if name in optable.ELEMENTWISE_PRODUCT and len(grad_args) == 2:
+        gates = [t for t in grad_args if (entry := trace.facts(t)) is not None and entry.gate]
+        if len(gates) == 1:
+            gate = gates[0]
+            return func(*map_tensors(args, lambda t: t.detach() if t is gate else t),
+                        **map_tensors(kwargs, lambda t: t.detach() if t is gate else t))
+    out = func(*args, **kwargs)
+    return ScaleGradientFunction.apply(out, 1.0 / len(grad_args))
+
+
+@register(optable.DIVISION)
+def _division(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Division by a constant is linear (the gradient); a divisor that depends on the input has no rule."""
+    grad_args = grad_tensors((args, kwargs))
+    out = func(*args, **kwargs)
+    if len(grad_args) == 1 and args and args[0] is grad_args[0] or not needs_grad(out):
+        return out
+    raise unsupported(trace, name)
+
+
+# --------------------------------------------------------------------------- layers and BatchNorm
+
+@register(optable.LAYERS, own=True)
+def _layer(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Dense and convolution layers: the composite's rule (chosen after the forward)."""
+    op, a, weight, bias = make_linear_op(name, args, kwargs)
+    if not (isinstance(a, Tensor) and a.requires_grad):
+        if needs_grad((weight, bias)):
+            raise unsupported(trace, name)
+        return func(*args, **kwargs)
+    if needs_grad((weight, bias)):
+        raise UnsupportedOperationError(
+            f"'{name}' in {trace.where()} uses weights computed from the input (a dynamic or hyper-network "
+            f"layer); lrp's layer rules need fixed weights. Register a lrp.rules.ModuleRule for the module.")
+    layer_name, module = trace.layer_name(name)
+    route = trace.route_of(a)
+    record = LayerRecord(len(trace.layers), layer_name, module, op, weight, bias, id(a),
+                         reads_input=route is not None, replay=route[0] if route else None,
+                         root=route[1] if route else None)
+    record.batch_first = not trace.decomposing
+    record.nonnegative_input = trace.is_nonnegative(a)
+    record.input_spec = (tuple(a.shape[1:]), a.dtype, a.device)
+    record.early_rule = trace.composite.rule_before_count(
+        LayerInfo(layer_name, module, op.kind, record.index, -1, record.reads_input, trace.image_input))
+    trace.layers.append(record)
+    z = LayerFunction.apply(a, weight, bias, record)
+    record.held = z.detach()
+    facts = trace.note(z)
+    facts.producer, facts.stage = record, "z"
+    return z
+
+
+@register(optable.BATCHNORM, own=True)
+def _batch_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """BatchNorm with fixed statistics, ``s x + t``: merged into the layer before it when that layer's output
+    feeds nothing else (decided after the forward), else a linear map (LRP-0)."""
+    if func is F.batch_norm:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    else:
+        names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+    bound = {"weight": None, "bias": None, "training": False, "eps": 1e-5, **dict(zip(names, args)), **kwargs}
+    x = bound["input"]
+    if not (isinstance(x, Tensor) and x.requires_grad):
+        return func(*args, **kwargs)
+    if bound["training"] or bound["running_mean"] is None:
+        raise UnsupportedOperationError(
+            f"BatchNorm in {trace.where()} normalises with the statistics of the batch (training mode or no "
+            f"running statistics), so one sample's relevance would depend on the others. Call explain with "
+            f"eval_mode=True (the default) on a model whose BatchNorm layers track running statistics.")
+    var, mean = bound["running_var"], bound["running_mean"]
+    weight = bound["weight"] if bound["weight"] is not None else torch.ones_like(var)
+    bias = bound["bias"] if bound["bias"] is not None else torch.zeros_like(mean)
+    scale = weight / torch.sqrt(var + bound["eps"])
+    shift = bias - mean * scale
+    bn_name = trace.stack[-1][0] if trace.stack else "batch_norm"
+    module = trace.stack[-1][1] if trace.stack else None
+    entry = trace.facts(x)
+    producer = entry.producer if entry is not None and entry.stage == "z" else None
+    record = BatchNormRecord(bn_name, module, scale.detach(), shift.detach(), (-1,) + (1,) * (x.ndim - 2),
+                             producer, sources=(var, mean, bound["weight"], bound["bias"], float(bound["eps"])))
+    trace.batchnorms.append(record)
+    out = BatchNormFunction.apply(x, lambda t: func(t, *args[1:], **kwargs), record)
+    if producer is not None and mergeable(producer, record):  # the layer output's first use: may be merged
+        producer.held, producer.held_stage = out.detach(), "bn"
+        facts = trace.note(out)
+        facts.producer, facts.stage = producer, "bn"
+    return out
+
+
+def mergeable(layer: LayerRecord, bn: BatchNormRecord) -> bool:
+    """Whether ``bn`` can be merged into ``layer``: it normalises the layer's output, which feeds nothing else
+    (so far: ``uses`` counts the uses before this one), per output unit."""
+    return (bn.producer is layer and layer.uses == 0 and layer.bn is None and layer.kind in ("linear", "conv")
+            and (layer.kind == "conv" or len(bn.broadcast_shape) == 1))
+
+
+# --------------------------------------------------------------------------- ops with a rule of their own
+
+def _input_of(args: tuple, kwargs: dict, key: str = "input") -> Optional[Tensor]:
+    x = args[0] if args else kwargs.get(key)
+    return x if isinstance(x, Tensor) and x.requires_grad else None
+
+
+@register("softmax", own=True)
+def _softmax(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """The AttnLRP softmax rule inside attention, the identity rule elsewhere (see ``SoftmaxFunction``)."""
+    x = _input_of(args, kwargs)
+    if x is None:
+        return func(*args, **kwargs)
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dim is None:
+        dim = -1
+    record = SoftmaxRecord(x.detach())
+    out = SoftmaxFunction.apply(x, dim, lambda t: func(t, *args[1:], **kwargs), record)
+    trace.note(out).softmax = record
+    trace.mark_head("softmax", x, dim, out)
+    return out
+
+
+def _linearized(trace: "Trace", func: Callable, args: tuple, kwargs: dict, linear: Callable[[Tensor], Tensor],
+                what: str) -> Any:
+    x = _input_of(args, kwargs)
+    if x is None:
+        return func(*args, **kwargs)
+    if any(t is not x for t in grad_tensors((args, kwargs))):
+        raise UnsupportedOperationError(
+            f"{what} in {trace.where()} has parameters computed from the input; lrp supports it with fixed "
+            f"parameters only")
+    return LinearizedFunction.apply(x, lambda t: func(t, *args[1:], **kwargs), linear)
+
+
+@register("layer_norm", own=True)
+def _layer_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """LayerNorm with its standard deviation held fixed (AttnLRP): ``(x - mean(x)) / std * w``."""
+    p = {"weight": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)),
+         **kwargs}
+    x = p["input"]
+    dims = tuple(range(-len(tuple(p["normalized_shape"])), 0))
+    if not isinstance(x, Tensor):
+        return func(*args, **kwargs)
+    std = torch.sqrt(x.detach().var(dims, unbiased=False, keepdim=True) + p["eps"])
+
+    def linear(t: Tensor) -> Tensor:
+        y = (t - t.mean(dims, keepdim=True)) / std
+        return y * p["weight"] if p["weight"] is not None else y
+    return _linearized(trace, func, args, kwargs, linear, "LayerNorm")
+
+
+@register("rms_norm", own=True)
+def _rms_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """RMSNorm with its scale held fixed: ``x / rms * w``."""
+    p = {"weight": None, "eps": None, **dict(zip(("input", "normalized_shape", "weight", "eps"), args)),
+         **kwargs}
+    x = p["input"]
+    if not isinstance(x, Tensor):
+        return func(*args, **kwargs)
+    dims = tuple(range(-len(tuple(p["normalized_shape"])), 0))
+    eps = p["eps"] if p["eps"] is not None else torch.finfo(x.dtype).eps
+    rms = torch.sqrt(x.detach().pow(2).mean(dims, keepdim=True) + eps)
+
+    def linear(t: Tensor) -> Tensor:
+        return t / rms * p["weight"] if p["weight"] is not None else t / rms
+    return _linearized(trace, func, args, kwargs, linear, "RMSNorm")
+
+
+def _grouped_norm(x: Tensor, groups: int, weight: Optional[Tensor], eps: float) -> Callable[[Tensor], Tensor]:
+    n = x.shape[0]
+    grouped = x.detach().reshape(n, groups, -1)
+    std = torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True) + eps)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+
+    def linear(t: Tensor) -> Tensor:
+        g = t.reshape(n, groups, -1)
+        y = ((g - g.mean(-1, keepdim=True)) / std).reshape(t.shape)
+        return y * weight.reshape(shape) if weight is not None else y
+    return linear
+
+
+@register("group_norm", own=True)
+def _group_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """GroupNorm with its per-group standard deviations held fixed."""
+    p = {"weight": None, "eps": 1e-5, **dict(zip(("input", "num_groups", "weight", "bias", "eps"), args)),
+         **kwargs}
+    if not isinstance(p["input"], Tensor):
+        return func(*args, **kwargs)
+    linear = _grouped_norm(p["input"], p["num_groups"], p["weight"], p["eps"])
+    return _linearized(trace, func, args, kwargs, linear, "GroupNorm")
+
+
+@register("instance_norm", own=True)
+def _instance_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """InstanceNorm with its per-instance statistics held fixed (fixed running statistics: an affine map)."""
+    keys = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+    p = {"weight": None, "use_input_stats": True, "eps": 1e-5, **dict(zip(keys, args)), **kwargs}
+    x = p["input"]
+    if not isinstance(x, Tensor) or not p["use_input_stats"]:
+        return func(*args, **kwargs)  # fixed statistics: an affine map, LRP-0 = gradient
+    linear = _grouped_norm(x, x.shape[1], p["weight"], p["eps"])
+    return _linearized(trace, func, args, kwargs, linear, "InstanceNorm")
+
+
+@register("normalize", own=True)
+def _normalize(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``x / ||x||`` with the norm held fixed (a linear map of x, as for the other normalisations)."""
+    p = {"p": 2.0, "dim": 1, "eps": 1e-12, **dict(zip(("input", "p", "dim", "eps"), args)), **kwargs}
+    x = p["input"]
+    if not isinstance(x, Tensor):
+        return func(*args, **kwargs)
+    norm = x.detach().norm(p["p"], p["dim"], keepdim=True).clamp_min(p["eps"])
+    return _linearized(trace, func, args, kwargs, lambda t: t / norm, "F.normalize")
+
+
+@register("embedding", own=True)
+def _embedding(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """With token ids as the model input, the embedding vectors become the leaves relevance flows to."""
+    ids = args[0] if args else kwargs.get("input")
+    out = func(*args, **kwargs)
+    if ids is trace.x and not trace.x.is_floating_point():
+        leaf = out.detach().requires_grad_(True)
+        trace.token_leaves.append(leaf)
+        trace.note(leaf).route = (lambda t: t, leaf)
+        return leaf
+    if needs_grad(out):
+        raise unsupported(trace, "embedding")
+    return out
+
+
+def _decomposed(replacement: Callable) -> Handler:
+    """Handler that runs ``replacement`` (plain torch ops) instead of a fused op, with every step captured."""
+    def run(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+        if not needs_grad((args, kwargs)):
+            return func(*args, **kwargs)
+        trace.decomposing += 1
+        try:
+            with trace.mode():
+                return replacement(*args, **kwargs)
+        finally:
+            trace.decomposing -= 1
+    return run
+
+
+register("scaled_dot_product_attention", own=True)(_decomposed(attention.scaled_dot_product_attention))
+register("multi_head_attention_forward", own=True)(_decomposed(attention.multi_head_attention_forward))

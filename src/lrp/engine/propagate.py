@@ -1,0 +1,236 @@
+"""Propagate: choose every layer's rule once the forward is over, then run the backward that applies them.
+
+Rules are chosen after the forward, when the whole sequence of layers (and which BatchNorm follows which
+layer) is known. The backward is ``torch.autograd.grad`` from the start relevance: the autograd functions the
+capture put in place call :meth:`Propagation.layer_backward` for each layer call. Tensors that rules build from
+the weights (``W+``, a merged BatchNorm's weights, flat counts, ...) are built once per call and shared by the
+layer calls that agree on everything they depend on; they are dropped after the last of those layer calls has
+run its backward, or kept across calls in a :class:`WeightCache` (``lrp.Explainer``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..composites import LayerInfo
+from ..errors import LRPError, RuleError
+from ..rules import Epsilon, LayerContext
+from .capture import Trace
+from .precision import to_working, working_dtype
+from .records import LayerRecord, op_key
+
+Tensor = torch.Tensor
+
+
+def _identity_of(value: Any) -> Any:
+    """What a cached tensor built from ``value`` depends on: for a tensor, the object, its version counter
+    (bumped by every in-place change) and its storage; other values (numbers, ``None``) as they are."""
+    if isinstance(value, Tensor):
+        return ("tensor", id(value), value._version, value.data_ptr())
+    return value
+
+
+class WeightCache:
+    """Weight-derived tensors kept from one call to the next. An entry is keyed by the identity, version and
+    storage of every tensor it was built from (see :func:`_identity_of`), so a weight changed in place, a
+    replaced parameter or a BatchNorm with new statistics gets a new entry; entries a call did not use are
+    dropped at its end, so the cache holds at most one call's worth."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, dict] = {}
+        self.owners: dict[tuple, tuple] = {}  # keep the tensors whose ids are in a key alive
+        self.used: set[tuple] = set()
+        self.hits = self.misses = 0
+
+    def table(self, base: tuple, owners: tuple) -> dict:
+        self.used.add(base)
+        table = self.entries.get(base)
+        if table is None:
+            table = self.entries[base] = {}
+            self.owners[base] = owners
+        return table
+
+    def sweep(self) -> None:
+        for base in [b for b in self.entries if b not in self.used]:
+            del self.entries[base], self.owners[base]
+        self.used.clear()
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.owners.clear()
+        self.used.clear()
+
+
+class Propagation:
+    """The backward of one ``explain`` call: rule choice, BatchNorm merging, and each layer's rule."""
+
+    def __init__(self, trace: Trace, record_layers: bool = False, cache: Optional[WeightCache] = None):
+        self.trace = trace
+        self.record_layers = record_layers
+        self.cache = cache
+        self.direct: dict[int, Tensor] = {}  # id(root) -> relevance given to it directly by input rules
+        self._tables: dict[tuple, dict] = {}  # base -> weight-derived tensors of this call (without a cache)
+        self._pending: dict[tuple, int] = {}  # base -> layer calls that have not run their backward yet
+        self._bases: dict[int, tuple] = {}  # layer index -> base
+        trace.forward_done()
+        self._merge_batchnorms()
+        self._choose_rules()
+
+    # ------------------------------------------------------------------ between forward and backward
+    def _merge_batchnorms(self) -> None:
+        for bn in self.trace.batchnorms:
+            layer = bn.producer
+            if (layer is not None and layer.uses == 1 and layer.bn is None and layer.kind in ("linear", "conv")
+                    and (layer.kind == "conv" or len(bn.broadcast_shape) == 1)):
+                layer.bn, bn.fused = bn, True
+        for layer in self.trace.layers:
+            assert layer.held_stage == "z" or layer.bn is not None, "a held BatchNorm output means a merge"
+
+    def _choose_rules(self) -> None:
+        trace = self.trace
+        count = len(trace.layers)
+        positions = trace.composite.by_position
+        key = "pixels" if "pixels" in positions and trace.image_input else "first" if "first" in positions else None
+        if (trace.layers and key is not None and trace.x.is_floating_point()
+                and not any(layer.reads_input for layer in trace.layers)):
+            warnings.warn(
+                f"the composite's first-layer rule {positions[key]!r} applies to layers that read "
+                f"the model input, but in this model the input passes through other ops first (e.g. a normalisation "
+                f"inside forward), so no layer gets it; the other rules apply. Move preprocessing out of the model "
+                f"to use input rules.", stacklevel=5)
+        for layer in trace.layers:
+            info = LayerInfo(layer.name, layer.module, layer.kind, layer.index, count, layer.reads_input,
+                             trace.image_input)
+            layer.rule = trace.composite.rule_for(info)
+            assert layer.early_rule is None or layer.early_rule is layer.rule, "the early rule is the rule"
+            if layer.rule.direct and not layer.reads_input:
+                raise RuleError(
+                    f"the composite gives layer '{layer.name}' the rule {layer.rule!r}, which assigns relevance "
+                    f"to the layer's input regardless of its values and so must read the model input directly "
+                    f"(through reshapes or indexing at most); this layer reads the output of other ops. Move input "
+                    f"preprocessing out of the model, or use a composite without an input rule (e.g. "
+                    f"'epsilon-plus' instead of 'epsilon-plus-flat').")
+            layer.propagation = self
+            base = self._base(layer)
+            self._bases[layer.index] = base
+            self._pending[base] = self._pending.get(base, 0) + 1
+
+    def _base(self, layer: LayerRecord) -> tuple:
+        """What a weight-derived tensor of ``layer`` may depend on: the weights (and a merged BatchNorm's
+        statistics), the op's parameters (stride, padding, dilation, groups, ...: the flat count, the w^2 sum
+        and the z^B offset depend on them), the rule and its parameters, the shape of one input sample, the
+        dtype and the device; never the input's values. Layer calls that agree on all of it (a module called
+        twice) share the tensors."""
+        sources = (layer.weight, layer.bias) + (layer.bn.sources if layer.bn is not None else ())
+        return (tuple(_identity_of(s) for s in sources), op_key(layer.op), id(layer.rule), layer.input_spec)
+
+    def _table(self, layer: LayerRecord) -> dict:
+        base = self._bases[layer.index]
+        if self.cache is not None:
+            sources = (layer.weight, layer.bias) + (layer.bn.sources if layer.bn is not None else ())
+            return self.cache.table(base, sources + (layer.rule,))
+        return self._tables.setdefault(base, {})
+
+    def _done(self, layer: LayerRecord) -> None:
+        """``layer``'s backward has run: release what only it still needed."""
+        layer.held = None
+        layer._effective = None
+        base = self._bases[layer.index]
+        self._pending[base] -= 1
+        if self._pending[base] == 0:
+            self._tables.pop(base, None)
+
+    # ------------------------------------------------------------------ backward
+    def layer_backward(self, layer: LayerRecord, a: Optional[Tensor], z: Tensor, g: Tensor) -> Optional[Tensor]:
+        """The modified gradient at ``layer``'s input (``None`` for input rules, which give the model input its
+        relevance directly)."""
+        table = self._table(layer)
+
+        def cached(key: Any, make: Callable[[], Any]) -> Any:
+            if key not in table:
+                if self.cache is not None:
+                    self.cache.misses += 1
+                table[key] = make()
+            elif self.cache is not None:
+                self.cache.hits += 1
+            return table[key]
+
+        if layer.bn is not None:
+            weight, bias = cached("merged", layer.effective_params)
+        else:
+            weight, bias = layer.weight, layer.bias
+        z = layer.effective_output(z)
+        rule = layer.rule
+        assert rule is not None, "the rules are chosen before the backward"
+        ctx = LayerContext(layer.op, a, z, weight, bias, cached, layer.nonnegative_input)
+        needs_relevance = self.record_layers or not (isinstance(rule, Epsilon) and rule.epsilon == 0.0)
+        relevance_out = z * g if needs_relevance else None
+        n = self.trace.x.shape[0]
+        if layer.batch_first and z.shape[0] == n:
+            layer.total = (relevance_out.reshape(n, -1).sum(1) if relevance_out is not None
+                           else torch.einsum("ni,ni->n", z.reshape(n, -1), g.reshape(n, -1)))
+        else:  # the batch is not the first dimension here (e.g. inside attention): one total for the batch
+            layer.total = relevance_out.sum() if relevance_out is not None else torch.vdot(z.flatten(), g.flatten())
+        if self.record_layers:
+            layer.relevance = relevance_out
+        result = rule.backward(ctx, g, relevance_out)  # type: ignore[arg-type]  # None only for LRP-0 (unused)
+        self._done(layer)
+        if not rule.direct:
+            return result
+        self._add_direct(layer, result)
+        return None
+
+    def _add_direct(self, layer: LayerRecord, relevance: Tensor) -> None:
+        root, replay = layer.root, layer.replay
+        assert root is not None and replay is not None, "an input rule's layer reads the model input"
+        if layer.input_id == id(root):
+            r_root = relevance
+        else:
+            with torch.enable_grad():
+                shadow = root.detach().requires_grad_(True)
+                (r_root,) = torch.autograd.grad(replay(shadow), shadow, relevance)
+        key = id(root)
+        self.direct[key] = r_root if key not in self.direct else self.direct[key] + r_root
+
+    def run(self, out: Tensor, roots: list, grad_out: Tensor) -> list:
+        """The modified gradient at each root (``None`` where no relevance arrives), from ``grad_out`` at
+        ``out``."""
+        if not out.requires_grad:
+            return [None] * len(roots)
+        try:
+            return list(torch.autograd.grad(out, roots, grad_out, allow_unused=True))
+        except RuntimeError as exc:
+            if "inplace operation" in str(exc):
+                raise LRPError(f"the model modifies a tensor in place that explain needs later ({exc}). Write "
+                               f"that operation out of place.") from exc
+            raise
+        finally:
+            if self.cache is not None:
+                self.cache.sweep()
+
+    def input_relevance(self, roots: list, grads: list, tokens: bool, x: Tensor, out: Tensor) -> Tensor:
+        """``root * g`` plus what input rules gave the root directly; for token ids summed over the embedding."""
+        relevance = None
+        for root, g in zip(roots, grads):
+            dtype = working_dtype(root)  # float32 for half-precision inputs (see explain's docstring)
+            r = (torch.zeros_like(root, dtype=dtype) if g is None
+                 else to_working(root.detach(), dtype) * to_working(g, dtype))
+            if id(root) in self.direct:
+                r = r + self.direct[id(root)]
+            if tokens:
+                r = r.sum(-1)
+            relevance = r if relevance is None else relevance + r
+        if relevance is None:
+            relevance = torch.zeros(x.shape, dtype=working_dtype(x if x.is_floating_point() else out),
+                                    device=x.device)
+        return relevance.detach()
+
+    def release(self) -> None:
+        self._tables.clear()
+        self.direct.clear()
+        self._bases.clear()
+        self._pending.clear()
+
