@@ -1,11 +1,30 @@
-"""Speed and memory of lrp.explain next to a plain gradient and zennit, on torchvision vgg16 / resnet50 (CPU).
+"""Speed and memory of lrp.explain next to a plain gradient and zennit, on torchvision vgg16 / resnet50 / vit_b_16,
+on the CPU or a CUDA GPU.
 
-    .venv/bin/python benchmarks/speed.py [--quick] [--out FILE]
+    .venv/bin/python benchmarks/speed.py [--device {cpu,cuda}] [--models M,...] [--batches B,...]
+                                         [--autocast {none,bf16,fp16}] [--quick] [--out FILE]
+
+Defaults: --device cpu: --models vgg16,resnet50, --batches 1,8 (--quick: 1); --device cuda: --models
+vgg16,resnet50,vit_b_16, --batches 1,32 (also with --quick). --quick: 3 timed repetitions instead of 7.
 
 Time: every method is warmed up twice, then called round-robin (the starting method rotates each round) so
-that machine drift hits all methods alike; the table shows the median. Memory: each (model, batch, method) runs
-in a fresh subprocess (``--measure-memory MODEL BATCH METHOD``) that reports the rise of its peak resident set
-size over one warm-up and one measured call. Ratios are to ``grad x input`` for the same model and batch.
+that machine drift hits all methods alike; the table shows the median. On cuda, torch.cuda.synchronize() runs
+before each timer is read, and torch's default TF32 settings are kept. Memory on the CPU: each (model, batch,
+method) runs in a fresh subprocess (``--measure-memory MODEL BATCH METHOD``) that reports the rise of its peak
+resident set size over one warm-up and one measured call. Memory on cuda (in this process, after the warm-ups):
+torch.cuda.max_memory_allocated() over one call minus torch.cuda.memory_allocated() right before it, so model
+weights and input are not counted. Ratios are to ``grad x input`` for the same model and batch.
+
+--autocast bf16|fp16 (fp16: cuda only) runs forward, grad x input and the lrp methods inside
+torch.autocast(device, dtype) (zennit stays float32) and prints, per model and batch, the cosine similarity
+between the lrp epsilon-plus-flat relevance under autocast and in float32 for the same input and target (the
+float32 prediction): per sample over the flattened relevance, mean (and min) over the samples; the acceptance
+bound is >= 0.99.
+
+Models have random weights (fixed seed); vit_b_16's classifier, which torchvision initialises to zero (all
+logits 0, all relevance 0), gets normal(0, 0.02) weights. Zennit is not run on vit_b_16 (n/a): it has no
+canonizer or rules for attention. The row "lrp Explainer epsilon-plus-flat (repeated calls)" (one
+``lrp.Explainer`` built once, then called) appears only when the installed lrp has ``lrp.Explainer``.
 """
 
 from __future__ import annotations
@@ -24,8 +43,9 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torchvision
@@ -38,17 +58,40 @@ import lrp
 from machine import cpu_name  # benchmarks/machine.py
 
 THREADS = 2
-MODELS = {"vgg16": VGGCanonizer, "resnet50": ResNetCanonizer}
-# method key -> label in the table; "grad x input" is the reference for the ratios
-METHODS = {
-    "forward": "forward",
-    "grad": "grad x input",
-    "lrp-epf": "lrp epsilon-plus-flat",
-    "lrp-egb": "lrp epsilon-gamma-box",
-    "zennit-epf": "zennit EpsilonPlusFlat",
-    "zennit-egb": "zennit EpsilonGammaBox",
-}
+# model -> zennit canonizer (None: zennit has no canonizer/rules for the model, its rows are n/a)
+MODELS: dict[str, Optional[type]] = {"vgg16": VGGCanonizer, "resnet50": ResNetCanonizer, "vit_b_16": None}
+DEFAULT_MODELS = {"cpu": "vgg16,resnet50", "cuda": "vgg16,resnet50,vit_b_16"}
+DEFAULT_BATCHES = {"cpu": "1,8", "cuda": "1,32"}
+QUICK_BATCHES = {"cpu": "1", "cuda": "1,32"}
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ZENNIT_NA = ("Zennit 0.5.1 has no canonizer or rules for attention (nn.MultiheadAttention, the class token and "
+             "position embedding), so it is not run")
+
+
+def available_methods() -> dict[str, str]:
+    """Method key -> label in the table; "grad x input" is the reference for the ratios. The Explainer row
+    exists only when the installed lrp has ``lrp.Explainer``."""
+    methods = {"forward": "forward", "grad": "grad x input", "lrp-epf": "lrp epsilon-plus-flat"}
+    if hasattr(lrp, "Explainer"):
+        methods["lrp-epf-explainer"] = "lrp Explainer epsilon-plus-flat (repeated calls)"
+    methods.update({"lrp-egb": "lrp epsilon-gamma-box", "zennit-epf": "zennit EpsilonPlusFlat",
+                    "zennit-egb": "zennit EpsilonGammaBox"})
+    return methods
+
+
+METHODS = available_methods()
 REFERENCE = "grad"
+
+
+@dataclass(frozen=True)
+class Setup:
+    device: str  # "cpu" or "cuda"
+    autocast: str  # a key of AUTOCAST
+    reps: int
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return AUTOCAST[self.autocast]
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -65,23 +108,31 @@ def _malloc_trim() -> Callable[[], object]:
 release_memory = _malloc_trim()
 
 
-def load_model(name: str) -> torch.nn.Module:
-    """Random weights (fixed seed), eval mode, no parameter gradients."""
+def load_model(name: str, device: str = "cpu") -> torch.nn.Module:
+    """Random weights (fixed seed), eval mode, no parameter gradients, on ``device``."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
+    if name.startswith("vit_"):  # torchvision zero-initialises the classifier: every logit and relevance is 0
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model.to(device)
 
 
-def make_input(batch: int) -> torch.Tensor:
+def make_input(batch: int, device: str = "cpu") -> torch.Tensor:
+    """The same values on every device (drawn on the CPU, then moved)."""
     torch.manual_seed(1)
-    return torch.randn(batch, 3, 224, 224)
+    return torch.randn(batch, 3, 224, 224).to(device)
 
 
 def one_hot_times_output(out: torch.Tensor) -> torch.Tensor:
     """Start relevance for zennit: the predicted class's logit (lrp's default ``start="score"``)."""
     return torch.zeros_like(out).scatter_(1, out.argmax(1, keepdim=True), 1.0) * out.detach()
+
+
+def applicable(key: str, model_name: str) -> bool:
+    """zennit only runs on models it has a canonizer for."""
+    return not key.startswith("zennit") or MODELS[model_name] is not None
 
 
 def make_method(key: str, model_name: str, model: torch.nn.Module, x: torch.Tensor,
@@ -90,7 +141,7 @@ def make_method(key: str, model_name: str, model: torch.nn.Module, x: torch.Tens
 
     zennit methods get their own deep copy of the model, with the attributor context entered once on ``stack``
     (hook registration and canonizing are one-off costs); the canonizers change only that copy, so lrp and the
-    baselines always run on the untouched model.
+    baselines always run on the untouched model. Likewise the lrp Explainer is built once, outside the timing.
     """
     if key == "forward":
         def run():
@@ -107,22 +158,57 @@ def make_method(key: str, model_name: str, model: torch.nn.Module, x: torch.Tens
         return run
     if key == "lrp-epf":
         return lambda: lrp.explain(model, x, composite="epsilon-plus-flat").relevance
+    if key == "lrp-epf-explainer":
+        explainer = lrp.Explainer(model, composite="epsilon-plus-flat")
+        return lambda: explainer(x).relevance
     if key == "lrp-egb":
         comp = lrp.composite("epsilon-gamma-box", low=-3.0, high=3.0)
         return lambda: lrp.explain(model, x, composite=comp).relevance
     if key in ("zennit-epf", "zennit-egb"):
-        canonizers = [MODELS[model_name]()]
-        if key == "zennit-epf":
-            comp = EpsilonPlusFlat(canonizers=canonizers)
-        else:
-            comp = EpsilonGammaBox(low=-3.0, high=3.0, canonizers=canonizers)
-        attributor = stack.enter_context(Gradient(model=copy.deepcopy(model), composite=comp))
-        # a fresh leaf per call: zennit would otherwise set requires_grad on the shared input in place
-        return lambda: attributor(x.detach().requires_grad_(True), one_hot_times_output)[1]
+        return make_zennit(key, model_name, model, x, stack)
     raise ValueError(f"unknown method {key!r}")
 
 
-# --------------------------------------------------------------------------- memory (child process)
+def make_zennit(key: str, model_name: str, model: torch.nn.Module, x: torch.Tensor,
+                stack: contextlib.ExitStack) -> Callable[[], object]:
+    canonizer = MODELS[model_name]
+    if canonizer is None:
+        raise ValueError(f"zennit is not run on {model_name}: {ZENNIT_NA}")
+    if key == "zennit-epf":
+        comp = EpsilonPlusFlat(canonizers=[canonizer()])
+    else:
+        comp = EpsilonGammaBox(low=-3.0, high=3.0, canonizers=[canonizer()])
+    attributor = stack.enter_context(Gradient(model=copy.deepcopy(model), composite=comp))
+    # a fresh leaf per call: zennit would otherwise set requires_grad on the shared input in place
+    return lambda: attributor(x.detach().requires_grad_(True), one_hot_times_output)[1]
+
+
+def with_autocast(key: str, run: Callable[[], object], setup: Setup) -> Callable[[], object]:
+    """``run`` inside torch.autocast when --autocast is set; zennit methods stay float32."""
+    if setup.dtype is None or key.startswith("zennit"):
+        return run
+
+    def autocast_run() -> object:
+        with torch.autocast(setup.device, dtype=setup.dtype):
+            return run()
+    return autocast_run
+
+
+def build_runs(model_name: str, model: torch.nn.Module, x: torch.Tensor, setup: Setup,
+               stack: contextlib.ExitStack, errors: list[str], tag: str) -> dict[str, Callable[[], object]]:
+    """The callables of every method that applies to the model; a setup that raises is left out."""
+    runs: dict[str, Callable[[], object]] = {}
+    for key in METHODS:
+        if not applicable(key, model_name):
+            continue
+        try:
+            runs[key] = with_autocast(key, make_method(key, model_name, model, x, stack), setup)
+        except Exception:
+            errors.append(f"{tag} {METHODS[key]} (setup):\n{traceback.format_exc()}")
+    return runs
+
+
+# --------------------------------------------------------------------------- memory
 
 def peak_rss_kb() -> int:
     """This process's peak resident set size in KB: VmHWM (per address space, reset by clear_refs), else
@@ -137,13 +223,13 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
 
 
-def measure_memory(model_name: str, batch: int, key: str) -> None:
-    """Print the peak RSS rise (MB) over one warm-up + one measured call, as one JSON line."""
+def measure_memory(model_name: str, batch: int, key: str, setup: Setup) -> None:
+    """(CPU, child process) Print the peak RSS rise (MB) over one warm-up + one measured call, as one JSON line."""
     torch.set_num_threads(THREADS)
     model = load_model(model_name)
     x = make_input(batch)
     with contextlib.ExitStack() as stack:
-        run = make_method(key, model_name, model, x, stack)
+        run = with_autocast(key, make_method(key, model_name, model, x, stack), setup)
         gc.collect()
         try:  # reset the peak to the current RSS (Linux >= 4.0), so setup transients do not mask the peak
             with open("/proc/self/clear_refs", "w") as f:
@@ -159,8 +245,8 @@ def measure_memory(model_name: str, batch: int, key: str) -> None:
     print(json.dumps({"mb": (after - before) / 1024}))
 
 
-def memory_in_subprocess(model_name: str, batch: int, key: str) -> float | None:
-    cmd = [sys.executable, __file__, "--measure-memory", model_name, str(batch), key]
+def memory_in_subprocess(model_name: str, batch: int, key: str, setup: Setup) -> Optional[float]:
+    cmd = [sys.executable, __file__, "--measure-memory", model_name, str(batch), key, "--autocast", setup.autocast]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"memory measurement failed: {' '.join(cmd)}\n{proc.stderr}", file=sys.stderr)
@@ -168,99 +254,255 @@ def memory_in_subprocess(model_name: str, batch: int, key: str) -> float | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])["mb"]
 
 
+def cuda_peak_mb(run: Callable[[], object]) -> float:
+    """Peak CUDA memory (MB) during one call, above what was allocated right before it."""
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return (peak - before) / 2**20
+
+
+def cuda_memory(runs: dict[str, Callable[[], object]], errors: list[str], tag: str) -> dict[str, Optional[float]]:
+    mem: dict[str, Optional[float]] = {}
+    for key, run in runs.items():
+        try:
+            mem[key] = cuda_peak_mb(run)
+        except Exception:
+            errors.append(f"{tag} {METHODS[key]} (memory):\n{traceback.format_exc()}")
+            mem[key] = None
+    return mem
+
+
+def memory(model_name: str, batch: int, keys: list[str], setup: Setup) -> dict[str, Optional[float]]:
+    """(CPU) Peak RSS rise per method, each in a fresh subprocess."""
+    mem = {}
+    for key in keys:
+        mem[key] = memory_in_subprocess(model_name, batch, key, setup)
+        print(f"  {model_name} batch {batch}: memory {key} done", file=sys.stderr, flush=True)
+    return mem
+
+
 # --------------------------------------------------------------------------- timing
 
-def time_methods(model_name: str, model: torch.nn.Module, batch: int, reps: int,
-                 errors: list[str]) -> dict[str, float | None]:
+def clock(device: str) -> Callable[[], float]:
+    """perf_counter, after torch.cuda.synchronize() on cuda (kernels run asynchronously)."""
+    if device != "cuda":
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return now
+
+
+def time_runs(runs: dict[str, Callable[[], object]], setup: Setup, errors: list[str],
+              tag: str) -> dict[str, float]:
     """Median seconds per method, round-robin; a method that raises is dropped (traceback kept in ``errors``)."""
-    x = make_input(batch)
-    times: dict[str, list[float]] = {k: [] for k in METHODS}
-    with contextlib.ExitStack() as stack:
-        runs: dict[str, Callable[[], object]] = {}
-        for key in METHODS:
+    now = clock(setup.device)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    keys = list(runs)
+    for rnd in range(2 + setup.reps):  # the first two rounds are warm-up
+        order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+        for key in order:
+            if key not in runs:
+                continue
             try:
-                runs[key] = make_method(key, model_name, model, x, stack)
+                t0 = now()
+                result = runs[key]()
+                dt = now() - t0
             except Exception:
-                errors.append(f"{model_name} batch {batch} {METHODS[key]} (setup):\n{traceback.format_exc()}")
-        keys = list(runs)
-        for rnd in range(2 + reps):  # the first two rounds are warm-up
-            order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
-            for key in order:
-                if key not in runs:
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    result = runs[key]()
-                    dt = time.perf_counter() - t0
-                except Exception:
-                    errors.append(f"{model_name} batch {batch} {METHODS[key]}:\n{traceback.format_exc()}")
-                    del runs[key]
-                    continue
-                del result
-                release_memory()
-                if rnd >= 2:
-                    times[key].append(dt)
-            print(f"  {model_name} batch {batch}: round {rnd + 1}/{2 + reps} done", file=sys.stderr, flush=True)
-    return {k: statistics.median(v) if v else None for k, v in times.items()}
+                errors.append(f"{tag} {METHODS[key]}:\n{traceback.format_exc()}")
+                del runs[key]
+                continue
+            del result
+            release_memory()
+            if rnd >= 2:
+                times[key].append(dt)
+        print(f"  {tag}: round {rnd + 1}/{2 + setup.reps} done", file=sys.stderr, flush=True)
+    return {k: statistics.median(v) for k, v in times.items() if v}
 
 
-def fmt(value: float | None, spec: str) -> str:
+def bench(model_name: str, model: torch.nn.Module, batch: int, setup: Setup,
+          errors: list[str]) -> tuple[dict[str, float], dict[str, Optional[float]]]:
+    """Median seconds and peak extra MB per method (methods that do not apply or failed are missing)."""
+    tag = f"{model_name} batch {batch}"
+    x = make_input(batch, setup.device)
+    with contextlib.ExitStack() as stack:
+        runs = build_runs(model_name, model, x, setup, stack, errors, tag)
+        medians = time_runs(runs, setup, errors, tag)
+        if setup.device == "cuda":
+            return medians, cuda_memory(runs, errors, tag)
+    del x, runs
+    return medians, memory(model_name, batch, [k for k in METHODS if applicable(k, model_name)], setup)
+
+
+# --------------------------------------------------------------------------- autocast agreement
+
+def autocast_cosine(model: torch.nn.Module, batch: int, setup: Setup) -> tuple[float, float]:
+    """Cosine similarity of the epsilon-plus-flat relevance under autocast to the float32 one, per sample
+    (flattened), for the float32 prediction as target in both: (mean, min) over the samples."""
+    x = make_input(batch, setup.device)
+    ref = lrp.explain(model, x, composite="epsilon-plus-flat")
+    with torch.autocast(setup.device, dtype=setup.dtype):
+        low = lrp.explain(model, x, target=ref.target, composite="epsilon-plus-flat")
+    cos = torch.nn.functional.cosine_similarity(low.relevance.flatten(1).double(),
+                                                ref.relevance.flatten(1).double(), dim=1)
+    return cos.mean().item(), cos.min().item()
+
+
+def cosine_line(model_name: str, model: torch.nn.Module, batch: int, setup: Setup, errors: list[str]) -> str:
+    what = (f"- {model_name} batch {batch}: cosine(lrp epsilon-plus-flat relevance, {setup.autocast} autocast "
+            f"vs float32)")
+    try:
+        mean, low = autocast_cosine(model, batch, setup)
+    except Exception:
+        errors.append(f"{model_name} batch {batch} autocast cosine:\n{traceback.format_exc()}")
+        return f"{what}: n/a (failed, see Errors)"
+    return f"{what}: mean {mean:.5f}, min {low:.5f}; bound >= 0.99: {'ok' if mean >= 0.99 else 'NOT MET'}"
+
+
+# --------------------------------------------------------------------------- report
+
+def fmt(value: Optional[float], spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 3 repetitions, batch 1 only")
-    parser.add_argument("--out", help="also write the Markdown report to this file")
-    parser.add_argument("--measure-memory", nargs=3, metavar=("MODEL", "BATCH", "METHOD"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def ratio(value: Optional[float], reference: Optional[float]) -> Optional[float]:
+    return value / reference if value is not None and reference else None
 
-    if args.measure_memory:
-        model_name, batch, key = args.measure_memory
-        measure_memory(model_name, int(batch), key)
-        return
 
-    torch.set_num_threads(THREADS)
-    reps, batches = (3, [1]) if args.quick else (7, [1, 8])
-    header = [
+def table_rows(model_name: str, batch: int, medians: dict[str, float], mem: dict[str, Optional[float]],
+               time_spec: str) -> list[str]:
+    t_ref, m_ref = medians.get(REFERENCE), mem.get(REFERENCE)
+    rows = []
+    for key, label in METHODS.items():
+        t, m = medians.get(key), mem.get(key)
+        rows.append(f"| {model_name} | {batch} | {label} | {fmt(t, time_spec)} | {fmt(ratio(t, t_ref), '.2f')} | "
+                    f"{fmt(m, '.0f')} | {fmt(ratio(m, m_ref), '.2f')} |")
+    return rows
+
+
+def header_lines(setup: Setup) -> list[str]:
+    lines = [
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"zennit {metadata.version('zennit')}, lrp {lrp.__version__}, Python {platform.python_version()}",
         f"- threads: {torch.get_num_threads()}; CPU: {cpu_name()}",
-        f"- float32, 224x224, random weights; {reps} timed repetitions after 2 warm-ups, round-robin, median",
     ]
+    if setup.device == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}; torch's default TF32 "
+                     f"settings (float32 matmul precision {torch.get_float32_matmul_precision()!r}, cuDNN "
+                     f"allow_tf32 {torch.backends.cudnn.allow_tf32}); peak extra MB: CUDA memory allocated "
+                     f"above that held before the call (weights and input not counted)")
+    lines.append(f"- float32, 224x224, random weights; {setup.reps} timed repetitions after 2 warm-ups, "
+                 f"round-robin, median")
+    if setup.dtype is not None:
+        lines.append(f"- autocast: forward, grad x input and lrp run under torch.autocast({setup.device!r}, "
+                     f"dtype={setup.dtype}) (weights and input stay float32); zennit runs in float32")
+    return lines
+
+
+# --------------------------------------------------------------------------- command line
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default: cpu "
+                                         f"{DEFAULT_MODELS['cpu']}, cuda {DEFAULT_MODELS['cuda']})")
+    parser.add_argument("--batches", help="comma list of batch sizes (default: cpu 1,8, --quick 1; cuda 1,32)")
+    parser.add_argument("--autocast", choices=list(AUTOCAST), default="none",
+                        help="run forward, gradient and lrp under torch.autocast with this dtype (fp16: cuda only)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 3 repetitions (and batch 1 on cpu)")
+    parser.add_argument("--out", help="also write the Markdown report to this file")
+    parser.add_argument("--measure-memory", nargs=3, metavar=("MODEL", "BATCH", "METHOD"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def refuse(message: str) -> None:
+    """One line on stderr, exit code 2 (as argparse does for a bad argument)."""
+    print(f"speed.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """Models and batch sizes to run; refuses what cannot run here."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        refuse("--device cuda: no CUDA device is available on this machine (torch.cuda.is_available() is "
+               "False); use --device cpu")
+    if args.device == "cpu" and args.autocast == "fp16":
+        refuse("--autocast fp16 is for --device cuda only; on the CPU use --autocast bf16 or none")
+    models = comma_list(args.models or DEFAULT_MODELS[args.device])
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        refuse(f"--models: unknown model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
+    batch_text = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)[args.device]
+    try:
+        batches = [int(b) for b in comma_list(batch_text)]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        refuse(f"--batches: expected a comma list of positive integers, got {batch_text!r}")
+    return models, batches
+
+
+def write_report(path: str, header: list[str], table: str, notes: list[str], errors: list[str]) -> None:
+    with open(path, "w") as f:
+        f.write("\n".join(header) + "\n\n" + table + "\n")
+        if notes:
+            f.write("\n" + "\n".join(notes) + "\n")
+        if errors:
+            f.write("\nErrors:\n\n```\n" + "\n".join(errors) + "```\n")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.measure_memory:
+        model_name, batch, key = args.measure_memory
+        measure_memory(model_name, int(batch), key, Setup("cpu", args.autocast, 1))
+        return
+    models, batches = check_args(args)
+    torch.set_num_threads(THREADS)
+    setup = Setup(args.device, args.autocast, 3 if args.quick else 7)
+    header = header_lines(setup)
     print("\n".join(header), flush=True)
 
     errors: list[str] = []
+    cosines: list[str] = []
     rows = ["| model | batch | method | median s | ratio | peak extra MB | MB ratio |",
             "|---|---:|---|---:|---:|---:|---:|"]
-    for model_name in MODELS:
-        model = load_model(model_name)
+    time_spec = ".5f" if setup.device == "cuda" else ".4f"
+    for model_name in models:
+        model = load_model(model_name, setup.device)
         for batch in batches:
-            medians = time_methods(model_name, model, batch, reps, errors)
-            mem = {}
-            for key in METHODS:
-                mem[key] = memory_in_subprocess(model_name, batch, key)
-                print(f"  {model_name} batch {batch}: memory {key} done", file=sys.stderr, flush=True)
-            t_ref, m_ref = medians[REFERENCE], mem[REFERENCE]
-            for key, label in METHODS.items():
-                t, m = medians[key], mem[key]
-                rows.append(
-                    f"| {model_name} | {batch} | {label} | {fmt(t, '.4f')} | "
-                    f"{fmt(t / t_ref if t is not None and t_ref else None, '.2f')} | {fmt(m, '.0f')} | "
-                    f"{fmt(m / m_ref if m is not None and m_ref else None, '.2f')} |")
-                print("  " + rows[-1], file=sys.stderr, flush=True)  # partial results, in case of a crash
+            medians, mem = bench(model_name, model, batch, setup, errors)
+            new_rows = table_rows(model_name, batch, medians, mem, time_spec)
+            rows += new_rows
+            print("\n".join("  " + r for r in new_rows), file=sys.stderr, flush=True)  # partial results
+            if setup.dtype is not None:
+                cosines.append(cosine_line(model_name, model, batch, setup, errors))
+                print("  " + cosines[-1], file=sys.stderr, flush=True)
         del model
         gc.collect()
+        if setup.device == "cuda":
+            torch.cuda.empty_cache()
 
     table = "\n".join(rows)
+    notes = [f"- zennit on {m}: n/a. {ZENNIT_NA}." for m in models if MODELS[m] is None] + cosines
     print("\n" + table)
+    if notes:
+        print("\n" + "\n".join(notes))
     if errors:
         print("\nErrors:\n\n" + "\n".join(errors))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(header) + "\n\n" + table + "\n")
-            if errors:
-                f.write("\nErrors:\n\n```\n" + "\n".join(errors) + "```\n")
+        write_report(args.out, header, table, notes, errors)
 
 
 if __name__ == "__main__":
