@@ -297,7 +297,6 @@ class Trace:
         the activations of each call would stay in memory."""
         for layer in self.layers:
             layer.replay = layer.root = layer.held = None
-            layer._effective = None
             layer.propagation = None
             layer.bn = None  # layer <-> BatchNorm record is a reference cycle: break it, so refcounts free both
         for bn in self.batchnorms:

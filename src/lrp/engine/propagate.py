@@ -104,8 +104,7 @@ class Propagation:
         for layer in trace.layers:
             info = LayerInfo(layer.name, layer.module, layer.kind, layer.index, count, layer.reads_input,
                              trace.image_input)
-            layer.rule = trace.composite.rule_for(info)
-            assert layer.early_rule is None or layer.early_rule is layer.rule, "the early rule is the rule"
+            layer.rule = layer.early_rule or trace.composite.rule_for(info)  # chosen in the forward if it could be
             if layer.rule.direct and not layer.reads_input:
                 raise RuleError(
                     f"the composite gives layer '{layer.name}' the rule {layer.rule!r}, which assigns relevance "
@@ -137,7 +136,6 @@ class Propagation:
     def _done(self, layer: LayerRecord) -> None:
         """``layer``'s backward has run: release what only it still needed."""
         layer.held = None
-        layer._effective = None
         base = self._bases[layer.index]
         self._pending[base] -= 1
         if self._pending[base] == 0:

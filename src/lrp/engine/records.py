@@ -80,7 +80,6 @@ class LayerRecord:
     propagation: Any = None  # the lrp.engine.propagate.Propagation that runs this record's backward
     total: Optional[Tensor] = None  # per-sample relevance summed at the layer output
     relevance: Optional[Tensor] = None  # relevance at the layer output (record_layers=True)
-    _effective: Optional[tuple] = None
 
     @property
     def kind(self) -> str:
@@ -90,12 +89,9 @@ class LayerRecord:
         """Weight and bias of the layer with a following BatchNorm merged in: ``W' = s W``, ``b' = s b + t``."""
         if self.bn is None:
             return self.weight, self.bias
-        if self._effective is None:
-            s, t = self.bn.scale, self.bn.shift
-            w = self.weight * s.reshape((-1,) + (1,) * (self.weight.ndim - 1))
-            b = t if self.bias is None else self.bias * s + t
-            self._effective = (w, b)
-        return self._effective
+        s, t = self.bn.scale, self.bn.shift
+        w = self.weight * s.reshape((-1,) + (1,) * (self.weight.ndim - 1))
+        return w, (t if self.bias is None else self.bias * s + t)
 
     def effective_output(self, z: Tensor) -> Tensor:
         """The held output with a merged BatchNorm applied (``s z + t``) if it is still the raw output."""
