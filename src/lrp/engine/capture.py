@@ -52,7 +52,7 @@ class Trace:
         self.layers: list[LayerRecord] = []
         self.batchnorms: list[BatchNormRecord] = []
         self.known: dict[int, TensorFacts] = {}
-        self.superseding = False  # an in-place op has run out of place (``fresh`` has work to do)
+        self.replaced: set[int] = set()  # ids of tensors an in-place op (run out of place) has superseded
         comp = composite
         self.composite_sees_rectified = all(
             rule.sees_rectified_output()
@@ -88,7 +88,7 @@ class Trace:
     def supersede(self, old: Tensor, new: Tensor) -> None:
         """An in-place op on ``old`` ran out of place and made ``new``: later uses of ``old`` get ``new``."""
         self.note(old).superseded = new
-        self.superseding = True
+        self.replaced.add(id(old))
 
     # ------------------------------------------------------------------ capture
     def capture(self) -> "_Capture":
@@ -156,7 +156,7 @@ class Trace:
     # ------------------------------------------------------------------ dispatch
     def fresh(self, obj: Any) -> Any:
         """Replace tensors that an in-place op (run out of place here) has superseded by their new value."""
-        if not self.superseding:
+        if not self.replaced:
             return obj
 
         def latest(t: Tensor) -> Tensor:
@@ -172,14 +172,17 @@ class Trace:
         registry entry; what it does to the bookkeeping is done here, once, for every op: it counts as a use of
         its operands (BatchNorm merging needs to know that a layer output feeds nothing else), its output may
         be known to be >= 0, and a ReLU's output may stand in for the layer output it rectifies."""
-        args, kwargs = self.fresh(args), self.fresh(kwargs)
+        operands = list(tensors((args, kwargs)))
+        if self.replaced and any(id(t) in self.replaced for t in operands):
+            args, kwargs = self.fresh(args), self.fresh(kwargs)
+            operands = list(tensors((args, kwargs)))
         if self.opaque:  # inside a module with an opaque rule: no gradient (the rule's input is counted there)
             with torch.no_grad():
                 return func(*args, **kwargs)
         name = optable.op_name(func)
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
         if name == "__setitem__" or not gradient_free(out):
-            self.consume((args, kwargs))
+            self.consume(operands)
         if self.trusted or not needs_grad(out):
             return out
         name = optable.out_of_place(name)  # ``relu_``, ``x += y`` are run out of place, as ``relu``, ``x + y``
