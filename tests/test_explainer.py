@@ -97,6 +97,22 @@ def _assign_data(model):
     model.fc.weight.data = torch.randn_like(model.fc.weight)
 
 
+def _through_data(model):
+    model.conv2.weight.data.mul_(-1.5)  # .data has a version counter of its own: the weight's is not bumped
+
+
+def _statistics_through_data(model):
+    model.bn.running_mean.data.add_(0.5)
+
+
+def _fused_optimiser_step(model):
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)  # bumps no version counter
+    model(_image(seed=3)).square().sum().backward()
+    opt.step()
+    model.eval()
+
+
 def _train_step(model):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -108,7 +124,9 @@ def _train_step(model):
 
 CHANGES = {"weights edited in place": _edit_in_place, "state dict loaded": _load_state_dict,
            "parameter replaced": _replace_parameter, "BatchNorm statistics": _new_batchnorm_statistics,
-           ".data assigned": _assign_data, "an optimiser step": _train_step}
+           ".data assigned": _assign_data, "an optimiser step": _train_step, ".data changed": _through_data,
+           "statistics changed through .data": _statistics_through_data,
+           "a fused optimiser step": _fused_optimiser_step}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -121,6 +139,25 @@ def test_a_changed_model_is_never_explained_with_what_was_kept(change, composite
     CHANGES[change](model)
     after = explainer(_image())
     _same(after, lrp.explain(model, _image(), composite=lrp.composite(composite, **params)))
+    assert not torch.allclose(after.relevance, before.relevance)
+
+
+@pytest.mark.parametrize("bounds", ["numbers", "tensors"])
+def test_changed_rule_parameters_are_noticed(bounds):
+    model = Net().double().eval()
+    low, high = (-1.0, 1.0) if bounds == "numbers" else (torch.full((3, 1, 1), -1.0, dtype=torch.float64),
+                                                         torch.full((3, 1, 1), 1.0, dtype=torch.float64))
+    box = lrp.rules.ZBox(low, high)
+    comp = lrp.Composite(by_position={"first": box}, default=lrp.rules.Epsilon())
+    explainer = lrp.Explainer(model, comp)
+    before = explainer(_image())
+    if bounds == "numbers":
+        box.low, box.high = -3.0, 3.0
+    else:
+        box.low.data.fill_(-3.0)  # in place, through .data: no version bump
+        box.high.data.fill_(3.0)
+    after = explainer(_image())
+    _same(after, lrp.explain(model, _image(), composite=comp))
     assert not torch.allclose(after.relevance, before.relevance)
 
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import torchvision
 
 import lrp
-from lrp.engine import ops
 from lrp.engine.capture import Trace
 from lrp.engine.propagate import Propagation
 from lrp.rules import Epsilon, LayerRule
@@ -167,10 +166,8 @@ MODELS = {
 
 
 def _without_savings(monkeypatch) -> None:
-    """Hold every layer's raw output and keep every input, as before."""
-    monkeypatch.setattr(Trace, "_rectified", lambda self, x, out: None)
-    monkeypatch.setattr(ops, "mergeable", lambda layer, bn: False)
-    monkeypatch.setattr(lrp.Composite, "rule_before_count", lambda self, layer: None)
+    """Hold every layer's raw output and keep every input (merged BatchNorms applied in the backward)."""
+    monkeypatch.setattr(Trace, "keep_less", False)
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -195,3 +192,79 @@ def test_keeping_less_changes_no_relevance(model, composite, monkeypatch):
                                    atol=1e-12 * before.layers[name].abs().max().item())
     for name in before.conservation:
         torch.testing.assert_close(ours.conservation[name], before.conservation[name], rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- what lrp cannot see
+
+class Double(torch.autograd.Function):
+    """A custom autograd function: ``apply`` does not pass through lrp's function mode."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class HiddenUse(nn.Module):
+    def __init__(self, custom: bool):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc1, self.fc2, self.custom = nn.Linear(6, 8), nn.Linear(8, 3), custom
+
+    def forward(self, x):
+        z = self.fc1(x)
+        other = Double.apply(z) if self.custom else z * 2
+        return self.fc2(F.relu(z) + other)  # relevance reaches z where z <= 0 through the other path
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon-plus", "epsilon-alpha2-beta1"])
+def test_a_use_inside_a_custom_autograd_function_counts(composite):
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    custom = lrp.explain(HiddenUse(True).double().eval(), x, composite=composite).relevance
+    plain = lrp.explain(HiddenUse(False).double().eval(), x, composite=composite).relevance
+    torch.testing.assert_close(custom, plain, rtol=1e-10, atol=1e-12)
+
+
+class HalveInPlace(nn.Module):
+    def forward(self, x):
+        return x.mul_(0.5)
+
+
+class SwishInPlace(nn.Module):
+    def forward(self, x):
+        return x.mul_(torch.sigmoid(x))
+
+
+@pytest.mark.parametrize("module, rule", [(HalveInPlace, lrp.rules.Gradient()), (SwishInPlace, lrp.rules.Pass())])
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_a_layer_output_changed_in_place_by_a_module_lrp_trusts_is_an_error(module, rule, batchnorm):
+    # code lrp runs as it is (a module with a Gradient() or Pass() rule) writes into what a rule needs: an
+    # error that says so, never a rule reading the changed values
+    torch.manual_seed(1)
+    layers = [nn.Conv2d(3, 4, 3)] + ([nn.BatchNorm2d(4)] if batchnorm else []) + [module(), nn.Flatten(),
+                                                                                    nn.Linear(4 * 36, 3)]
+    model = nn.Sequential(*layers).double().eval()
+    comp = lrp.composite("epsilon-plus")
+    comp.module_rules = {module: rule}
+    with pytest.raises(lrp.LRPError, match="in place"):
+        lrp.explain(model, _image(), composite=comp)
+
+
+class SignedEpsilon(Epsilon):
+    """An epsilon rule of one's own that reads the layer input on dense layers."""
+
+    def backward(self, ctx, g, R):
+        return super().backward(ctx, g, R) * (ctx.a > 0)
+
+
+def test_a_subclass_of_a_rule_that_reads_the_input_gets_it(monkeypatch):
+    model = Mlp().double().eval()
+    x = torch.randn(4, 20, dtype=torch.float64)
+    res = lrp.explain(model, x, composite=lrp.Composite(default=SignedEpsilon()))
+    monkeypatch.setattr(Trace, "keep_less", False)  # every input kept
+    ref = lrp.explain(model, x, composite=lrp.Composite(default=SignedEpsilon()))
+    torch.testing.assert_close(res.relevance, ref.relevance, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(res.relevance, lrp.explain(model, x, composite="epsilon").relevance)

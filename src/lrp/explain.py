@@ -200,10 +200,13 @@ class Explainer:
     depend on the input is kept from one call to the next: the composite, and the tensors rules build from the
     weights (``W+``, BatchNorm merged into the layer before it, flat counts, w^2 sums, z^B offsets). Every call
     still runs the model's own forward, so control flow that depends on the input (an ``if`` on a tensor) is
-    followed as always; a kept tensor is used again only while every tensor it was built from is the same
-    object, unchanged (same version counter, same storage), so changing weights in place, loading a state dict,
-    replacing a parameter or new BatchNorm statistics all rebuild it. ``mode`` changes need nothing: like
-    ``explain``, each call runs in eval mode (``eval_mode=True``) and restores the model's modes.
+    followed as always. A kept tensor is used again only while every tensor it was built from is the same
+    object with the same version counter, storage and values (a hash of them, ``torch.hash_tensor``, read once
+    per call: about 1% of a ResNet50 explanation on the CPU) and the rule's parameters are unchanged; so
+    weights edited in place (also through ``.data`` or by a fused optimiser), a loaded state dict, a replaced
+    parameter, new BatchNorm statistics and changed z^B bounds all rebuild it. (The hash is the XOR of the
+    elements' bits: a change that only swaps values between elements in place is not seen.) Modes need
+    nothing: like ``explain``, each call runs in eval mode (``eval_mode=True``) and restores the model's modes.
 
     The kept tensors hold about as much memory as the weights of the layers whose rules need them; call
     :meth:`clear` to drop them.

@@ -132,7 +132,9 @@ class Epsilon(LayerRule):
         self.epsilon = float(epsilon)
 
     def needs_input(self, op: LinearOp) -> bool:
-        return op.kind != "linear"  # W^T u needs no input; a convolution's takes its shape from it
+        # W^T u needs no input (a convolution's takes its shape from it); a subclass with a backward of its own
+        # may read it
+        return op.kind != "linear" or type(self).backward is not Epsilon.backward
 
     def backward(self, ctx: LayerContext, g: Tensor, R: Tensor) -> Tensor:
         if self.epsilon == 0.0:

@@ -45,6 +45,10 @@ class Trace:
     """What one forward under :meth:`capture` ran: its layer and BatchNorm calls and the facts about its
     tensors."""
 
+    #: keep less for the backward: a merged BatchNorm's or a ReLU's output stands in for a layer output, dense
+    #: layers under epsilon keep no input (``False``: the plain way, kept as the tests' reference)
+    keep_less = True
+
     def __init__(self, model: torch.nn.Module, composite: Composite, x: Tensor):
         self.model = model
         self.composite = composite
@@ -181,7 +185,10 @@ class Trace:
                 return func(*args, **kwargs)
         name = optable.op_name(func)
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
-        if name == "__setitem__" or not gradient_free(out):
+        if name == "__setitem__" or not gradient_free(out) or (not torch.is_grad_enabled()
+                                                                and isinstance(out, Tensor)):
+            # with gradients off (inside a custom autograd function's forward, or a no_grad block) an op on an
+            # input-dependent tensor may feed a result autograd connects to it later: a use, to be safe
             self.consume(operands)
         if self.trusted or not needs_grad(out):
             return out
@@ -209,11 +216,11 @@ class Trace:
             if entry.stage == "z":
                 layer.uses += 1
                 if layer.uses > 1 and (layer.held_stage != "z" or layer.rectified):
-                    layer.held, layer.held_stage, layer.rectified = t.detach(), "z", False
+                    layer.hold(t, "z")
             else:
                 layer.bn_uses += 1
                 if layer.bn_uses > 1 and layer.held_stage == "bn" and layer.rectified:
-                    layer.held, layer.rectified = t.detach(), False
+                    layer.hold(t, "bn")
 
     def _rectified(self, x: Any, out: Tensor) -> None:
         """``out = relu(x)``: if ``x`` is a layer's output stage used only here, the layer's rule may see
@@ -222,12 +229,14 @@ class Trace:
         if entry is None or entry.producer is None:
             return
         layer = entry.producer
+        if not self.keep_less:
+            return
         rule = layer.early_rule
         if not (rule.sees_rectified_output() if rule is not None else self.composite_sees_rectified):
             return
         uses = layer.uses if entry.stage == "z" else layer.bn_uses
         if uses == 1 and layer.held_stage == entry.stage and not layer.rectified and out.shape == x.shape:
-            layer.held, layer.rectified = out.detach(), True
+            layer.hold(out, entry.stage, rectified=True)
 
     # ------------------------------------------------------------------ what ops remember
     def follow(self, source: Tensor, out: Any) -> None:
@@ -301,7 +310,7 @@ class Trace:
         for layer in self.layers:
             layer.replay = layer.root = layer.held = None
             layer.propagation = None
-            layer.bn = None  # layer <-> BatchNorm record is a reference cycle: break it, so refcounts free both
+            layer.bn = layer.bn_candidate = None  # layer <-> BatchNorm record: a cycle; break it
         for bn in self.batchnorms:
             bn.producer = None
         self.layers.clear()

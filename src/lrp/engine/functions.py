@@ -43,7 +43,7 @@ class LayerFunction(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor):
         a = ctx.saved_tensors[0] if ctx.keeps_input else None
         record = ctx.record
-        z = record.held
+        z = record.held_output()
         dtype = working_dtype(a, z, g, record.weight)
         with no_autocast(ctx.device_type):
             g_a = record.propagation.layer_backward(record, None if a is None else to_working(a, dtype),
@@ -171,7 +171,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor):
         (y,) = ctx.saved_tensors
         record = ctx.record
-        x = record.x
+        x = record.input()
         dtype = working_dtype(x, y, g)
         with no_autocast(y.device.type):
             g, y_ = to_working(g, dtype), to_working(y, dtype)

@@ -264,11 +264,12 @@ def _layer(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict)
     record.batch_first = not trace.decomposing
     record.nonnegative_input = trace.is_nonnegative(a)
     record.input_spec = (tuple(a.shape[1:]), a.dtype, a.device)
-    record.early_rule = trace.composite.rule_before_count(
-        LayerInfo(layer_name, module, op.kind, record.index, -1, record.reads_input, trace.image_input))
+    if trace.keep_less:
+        record.early_rule = trace.composite.rule_before_count(
+            LayerInfo(layer_name, module, op.kind, record.index, -1, record.reads_input, trace.image_input))
     trace.layers.append(record)
     z = LayerFunction.apply(a, weight, bias, record)
-    record.held = z.detach()
+    record.hold(z, "z")
     facts = trace.note(z)
     facts.producer, facts.stage = record, "z"
     return z
@@ -305,16 +306,19 @@ def _batch_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: 
     trace.batchnorms.append(record)
     out = BatchNormFunction.apply(x, lambda t: func(t, *args[1:], **kwargs), record)
     if producer is not None and mergeable(producer, record):  # the layer output's first use: may be merged
-        producer.held, producer.held_stage = out.detach(), "bn"
-        facts = trace.note(out)
-        facts.producer, facts.stage = producer, "bn"
+        producer.bn_candidate = record
+        if trace.keep_less:
+            producer.hold(out, "bn")
+            facts = trace.note(out)
+            facts.producer, facts.stage = producer, "bn"
     return out
 
 
 def mergeable(layer: LayerRecord, bn: BatchNormRecord) -> bool:
-    """Whether ``bn`` can be merged into ``layer``: it normalises the layer's output, which feeds nothing else
-    (so far: ``uses`` counts the uses before this one), per output unit."""
-    return (bn.producer is layer and layer.uses == 0 and layer.bn is None and layer.kind in ("linear", "conv")
+    """Whether ``bn`` can be merged into ``layer``: it is the first use of the layer's output (then ``uses`` is
+    still 0: it is counted after the op) and normalises it per output unit. It is merged if the output has no
+    other use by the end of the forward (a later use brings the raw output back: ``Trace.consume``)."""
+    return (bn.producer is layer and layer.uses == 0 and layer.kind in ("linear", "conv")
             and (layer.kind == "conv" or len(bn.broadcast_shape) == 1))
 
 

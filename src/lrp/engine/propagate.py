@@ -25,19 +25,66 @@ from .records import LayerRecord, op_key
 Tensor = torch.Tensor
 
 
-def _identity_of(value: Any) -> Any:
+def _identity_of(value: Any, fingerprints: Optional[dict[int, int]] = None) -> Any:
     """What a cached tensor built from ``value`` depends on: for a tensor, the object, its version counter
-    (bumped by every in-place change) and its storage; other values (numbers, ``None``) as they are."""
+    (bumped by every in-place change), its storage and, across calls, a fingerprint of its values; other
+    values (numbers, ``None``) as they are."""
     if isinstance(value, Tensor):
-        return ("tensor", id(value), value._version, value.data_ptr())
+        return ("tensor", id(value), value._version, value.data_ptr(),
+                None if fingerprints is None else fingerprints[id(value)])
     return value
 
 
+def fingerprints(tensors: list[Tensor]) -> dict[int, int]:
+    """A hash of each tensor's values (``torch.hash_tensor``: the XOR of the elements' bits, so any change to
+    the values shows, a permutation of equal bits does not), read with one transfer per device."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    found: dict[int, int] = {}
+    with torch.no_grad():
+        for group in by_device.values():
+            values = torch.stack([_hash(t) for t in group]).tolist()
+            found.update(zip((id(t) for t in group), values))
+    return found
+
+
+def _hash(t: Tensor) -> Tensor:
+    if hasattr(torch, "hash_tensor"):  # torch >= 2.8
+        return torch.hash_tensor(t) if t.numel() else torch.zeros((), dtype=torch.uint64, device=t.device)
+    return t.double().sum()  # pragma: no cover - older torch: the sum shows nearly every change
+
+
+def _frozen_value(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen_value(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+def _sources(layer: LayerRecord) -> tuple:
+    """The tensors a weight-derived tensor of ``layer`` is built from: weight, bias, a merged BatchNorm's
+    statistics and parameters, and tensors among the rule's parameters (e.g. z^B bounds)."""
+    rule_tensors = tuple(v for v in vars(layer.rule).values() if isinstance(v, Tensor))
+    return (layer.weight, layer.bias) + (layer.bn.sources if layer.bn is not None else ()) + rule_tensors
+
+
+def _rule_key(rule: Any) -> tuple:
+    """The rule's type and parameters (tensors among them are sources, see ``_sources``)."""
+    return (type(rule),) + tuple(sorted((k, _frozen_value(v)) for k, v in vars(rule).items()
+                                        if not isinstance(v, Tensor)))
+
+
 class WeightCache:
-    """Weight-derived tensors kept from one call to the next. An entry is keyed by the identity, version and
-    storage of every tensor it was built from (see :func:`_identity_of`), so a weight changed in place, a
-    replaced parameter or a BatchNorm with new statistics gets a new entry; entries a call did not use are
-    dropped at its end, so the cache holds at most one call's worth."""
+    """Weight-derived tensors kept from one call to the next. An entry is keyed by the identity, version,
+    storage and a fingerprint of the values of every tensor it was built from (see :func:`_identity_of`), and
+    by the rule's parameters, so a weight changed in place (also through ``.data`` or by a fused optimiser,
+    which bump no version), a replaced parameter, new BatchNorm statistics or changed rule parameters get a
+    new entry; entries a call did not use are dropped at its end, so the cache holds at most one call's
+    worth."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple, dict] = {}
@@ -81,13 +128,15 @@ class Propagation:
 
     # ------------------------------------------------------------------ between forward and backward
     def _merge_batchnorms(self) -> None:
-        for bn in self.trace.batchnorms:
-            layer = bn.producer
-            if (layer is not None and layer.uses == 1 and layer.bn is None and layer.kind in ("linear", "conv")
-                    and (layer.kind == "conv" or len(bn.broadcast_shape) == 1)):
-                layer.bn, bn.fused = bn, True
+        """A BatchNorm that was its layer output's first use (``ops.mergeable``) is merged when the output had no
+        other use."""
         for layer in self.trace.layers:
-            assert layer.held_stage == "z" or layer.bn is not None, "a held BatchNorm output means a merge"
+            bn = layer.bn_candidate
+            if bn is not None and layer.uses == 1:
+                layer.bn, bn.fused = bn, True
+            elif layer.held_stage != "z":
+                raise RuntimeError(f"lrp internal error: layer '{layer.name}' holds a BatchNorm output, but the "
+                                   f"BatchNorm is not merged")
 
     def _choose_rules(self) -> None:
         trace = self.trace
@@ -113,24 +162,27 @@ class Propagation:
                     f"preprocessing out of the model, or use a composite without an input rule (e.g. "
                     f"'epsilon-plus' instead of 'epsilon-plus-flat').")
             layer.propagation = self
-            base = self._base(layer)
+        prints = None
+        if self.cache is not None:  # across calls: the weights' values may have changed without a version bump
+            prints = fingerprints([t for layer in trace.layers for t in _sources(layer) if isinstance(t, Tensor)])
+        for layer in trace.layers:
+            base = self._base(layer, prints)
             self._bases[layer.index] = base
             self._pending[base] = self._pending.get(base, 0) + 1
 
-    def _base(self, layer: LayerRecord) -> tuple:
+    def _base(self, layer: LayerRecord, prints: Optional[dict[int, int]]) -> tuple:
         """What a weight-derived tensor of ``layer`` may depend on: the weights (and a merged BatchNorm's
         statistics), the op's parameters (stride, padding, dilation, groups, ...: the flat count, the w^2 sum
         and the z^B offset depend on them), the rule and its parameters, the shape of one input sample, the
         dtype and the device; never the input's values. Layer calls that agree on all of it (a module called
         twice) share the tensors."""
-        sources = (layer.weight, layer.bias) + (layer.bn.sources if layer.bn is not None else ())
-        return (tuple(_identity_of(s) for s in sources), op_key(layer.op), id(layer.rule), layer.input_spec)
+        return (tuple(_identity_of(s, prints) for s in _sources(layer)), op_key(layer.op), _rule_key(layer.rule),
+                layer.input_spec)
 
     def _table(self, layer: LayerRecord) -> dict:
         base = self._bases[layer.index]
         if self.cache is not None:
-            sources = (layer.weight, layer.bias) + (layer.bn.sources if layer.bn is not None else ())
-            return self.cache.table(base, sources + (layer.rule,))
+            return self.cache.table(base, _sources(layer))
         return self._tables.setdefault(base, {})
 
     def _done(self, layer: LayerRecord) -> None:

@@ -39,9 +39,22 @@ class SoftmaxRecord:
 
     x: Optional[Tensor] = None
     attention: bool = False
+    x_version: int = 0
+
+    def __post_init__(self) -> None:
+        if self.x is not None:
+            self.x_version = self.x._version
 
     def mark_attention(self) -> None:
         self.attention, self.x = True, None
+
+    def input(self) -> Optional[Tensor]:
+        from ..errors import LRPError
+        if self.x is not None and self.x._version != self.x_version:
+            raise LRPError("the input of a softmax was modified in place after the softmax ran (inside a module "
+                           "lrp runs as it is, or a custom autograd function); explain needs it unchanged. Write "
+                           "that operation out of place.")
+        return self.x
 
 
 @dataclass(eq=False)
@@ -71,7 +84,9 @@ class LayerRecord:
     input_spec: tuple = ()  # (shape of one input sample, dtype, device)
     uses: int = 0  # uses of the raw output z
     bn_uses: int = 0  # uses of the output of the BatchNorm that follows, while it may be merged
+    bn_candidate: Optional["BatchNormRecord"] = None  # that BatchNorm: merged if z has no other use
     held: Optional[Tensor] = None
+    held_version: int = 0  # ``held._version`` when it was set: an in-place change since then is an error
     held_stage: str = "z"  # "z" (the layer output) or "bn" (a merged BatchNorm's output)
     rectified: bool = False  # ``held`` is the ReLU of that stage
     bn: Optional[BatchNormRecord] = None
@@ -86,7 +101,8 @@ class LayerRecord:
         return self.op.kind
 
     def effective_params(self) -> tuple[Tensor, Optional[Tensor]]:
-        """Weight and bias of the layer with a following BatchNorm merged in: ``W' = s W``, ``b' = s b + t``."""
+        """Weight and bias of the layer with a following BatchNorm merged in: ``W' = s W``, ``b' = s b + t``
+        (``held`` is then the BatchNorm's output, the merged layer's output)."""
         if self.bn is None:
             return self.weight, self.bias
         s, t = self.bn.scale, self.bn.shift
@@ -94,11 +110,29 @@ class LayerRecord:
         return w, (t if self.bias is None else self.bias * s + t)
 
     def effective_output(self, z: Tensor) -> Tensor:
-        """The held output with a merged BatchNorm applied (``s z + t``) if it is still the raw output."""
+        """The merged layer's output: the held BatchNorm output as it is, a held raw output with the BatchNorm
+        applied (``s z + t``; only when the capture keeps the raw outputs: ``Trace.keep_less = False``)."""
         if self.bn is None or self.held_stage != "z":
             return z
         shape = self.op.scale_shape(z)
         return torch.addcmul(self.bn.shift.reshape(shape), z, self.bn.scale.reshape(shape))
+
+    def hold(self, t: Tensor, stage: str, rectified: bool = False) -> None:
+        """Let the rule see ``t`` (a detached alias: no copy) as this layer's output."""
+        self.held, self.held_stage, self.rectified = t.detach(), stage, rectified
+        self.held_version = t._version
+
+    def held_output(self) -> Tensor:
+        """``held``, checked not to have been changed in place since (by code lrp runs as it is: a module with
+        a ``Gradient`` or ``Pass`` rule, a custom autograd function)."""
+        from ..errors import LRPError
+        held = self.held
+        assert held is not None, "held until the layer's backward has run"
+        if held._version != self.held_version:
+            raise LRPError(f"the output of layer '{self.name}' was modified in place after the layer ran (inside a "
+                           f"module lrp runs as it is, e.g. one with a Gradient() or Pass() rule, or a custom "
+                           f"autograd function); explain needs it unchanged. Write that operation out of place.")
+        return held
 
 
 @dataclass(eq=False)
