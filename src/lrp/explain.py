@@ -13,7 +13,7 @@ from .engine.propagate import Propagation, WeightCache
 from .engine.session import frozen, model_lock
 from .engine.targets import (StartSpec, TargetSpec, binary_targets, class_targets, model_output, output_gradient,
                              start_relevance)
-from .errors import LRPError
+from .errors import LRPError, UnsupportedOperationError
 
 Tensor = torch.Tensor
 
@@ -246,6 +246,12 @@ def _forward(model: torch.nn.Module, trace: Trace, leaf: Tensor, tokens: bool) -
                            f"floating-point input instead") from exc
         raise
     out = model_output(trace.fresh(out))
+    if trace.fixed and not out.requires_grad:
+        raise UnsupportedOperationError(
+            "the model output depends on the input only through values lrp holds fixed as normalisation "
+            "statistics (powers, roots, var, std, norm of the signal), so no relevance would reach the input; "
+            "these ops are supported only where a statistic scales the signal (x * rsqrt(mean(x**2)), x / norm). "
+            "Register a lrp.rules.ModuleRule for the module that computes the output this way.")
     if out.shape[:1] != leaf.shape[:1]:
         raise LRPError(f"the model output has shape {tuple(out.shape)}; explain needs the batch dimension "
                        f"first, as in the input {tuple(leaf.shape)}")

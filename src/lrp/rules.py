@@ -109,6 +109,11 @@ class LayerRule:
         """Whether the backward reads the layer input ``ctx.a`` (if not, the forward need not keep it)."""
         return True
 
+    def builds_from_weights(self) -> bool:
+        """Whether the backward builds tensors from the weights (``ctx.cache``): ``lrp.Explainer`` keeps those
+        between calls, after checking the weights they came from."""
+        return True
+
     def sees_rectified_output(self) -> bool:
         """Whether the rule may be given ``relu(z)`` for ``z`` when a ReLU is the layer's only consumer: true when
         every term of its result carries a factor ``R`` or ``g`` (both 0 where ``z <= 0`` then) and no
@@ -135,6 +140,9 @@ class Epsilon(LayerRule):
         # W^T u needs no input (a convolution's takes its shape from it); a subclass with a backward of its own
         # may read it
         return op.kind != "linear" or type(self).backward is not Epsilon.backward
+
+    def builds_from_weights(self) -> bool:
+        return type(self).backward is not Epsilon.backward  # W^T u with the weights as they are
 
     def backward(self, ctx: LayerContext, g: Tensor, R: Tensor) -> Tensor:
         if self.epsilon == 0.0:

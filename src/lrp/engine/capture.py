@@ -57,6 +57,7 @@ class Trace:
         self.batchnorms: list[BatchNormRecord] = []
         self.known: dict[int, TensorFacts] = {}
         self.replaced: set[int] = set()  # ids of tensors an in-place op (run out of place) has superseded
+        self.fixed = 0  # statistics and moments made so far (``fix``): while there are none, nothing to check
         comp = composite
         self.composite_sees_rectified = all(
             rule.sees_rectified_output()
@@ -88,6 +89,18 @@ class Trace:
     def is_nonnegative(self, t: Tensor) -> bool:
         entry = self.facts(t)
         return entry is not None and entry.nonnegative
+
+    def fix(self, out: Any, made_by: str, moment: bool) -> None:
+        """``out`` is held fixed: a moment (to be reduced) or a normalisation statistic, begun by op ``made_by``."""
+        for t in tensors(out):
+            if t.is_floating_point():
+                entry = self.note(t)
+                entry.moment, entry.statistic = (made_by, None) if moment else (None, made_by)
+                self.fixed += 1
+
+    def is_reduced(self, t: Tensor) -> bool:
+        entry = self.facts(t)
+        return entry is not None and entry.reduced
 
     def supersede(self, old: Tensor, new: Tensor) -> None:
         """An in-place op on ``old`` ran out of place and made ``new``: later uses of ``old`` get ``new``."""
@@ -184,7 +197,11 @@ class Trace:
             with torch.no_grad():
                 return func(*args, **kwargs)
         name = optable.op_name(func)
+        fixed = self._fixed_among(name, operands) if self.fixed and not self.trusted else None
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
+        if fixed is not None and not needs_grad(out):  # ``+ eps``, a cast, a reshape; a reduction ends a moment
+            made_by, moment = fixed
+            self.fix(out, made_by, moment and name not in optable.REDUCTION and name not in optable.SPREAD)
         if name == "__setitem__" or not gradient_free(out) or (not torch.is_grad_enabled()
                                                                 and isinstance(out, Tensor)):
             # with gradients off (inside a custom autograd function's forward, or a no_grad block) an op on an
@@ -192,6 +209,9 @@ class Trace:
             self.consume(operands)
         if self.trusted or not needs_grad(out):
             return out
+        if name in optable.REDUCTION or (name in optable.KEEPS_REDUCED and self._all_reduced(operands)):
+            for t in tensors(out):
+                self.note(t).reduced = True
         name = optable.out_of_place(name)  # ``relu_``, ``x += y`` are run out of place, as ``relu``, ``x + y``
         if signs.output_nonnegative(name, args, kwargs, self.is_nonnegative):
             for t in tensors(out):
@@ -200,6 +220,32 @@ class Trace:
         if name == "relu" and isinstance(out, Tensor):
             self._rectified(args[0] if args else kwargs.get("input"), out)
         return out
+
+    def _all_reduced(self, operands: list) -> bool:
+        signal = [t for t in operands if t.requires_grad]
+        return bool(signal) and all(self.is_reduced(t) for t in signal)
+
+    def _fixed_among(self, name: str, operands: list) -> Optional[tuple[str, bool]]:
+        """``(op that began it, is a moment)`` for a held-fixed tensor among ``operands``. Where the signal is an
+        operand too, a statistic may only scale it (``x * s``, ``x / s``) and a moment may not meet it at all
+        (``x * x**2`` is no normalisation: the power meets the signal before it is reduced): else an error."""
+        entries = [entry for t in operands if (entry := self.facts(t)) is not None
+                   and (entry.moment or entry.statistic)]
+        if not entries:
+            return None
+        moment = next((entry.moment for entry in entries if entry.moment), None)
+        made_by = moment or entries[0].statistic
+        assert made_by is not None
+        if any(t.requires_grad for t in operands):
+            if moment is not None:
+                raise ops.unsupported(self, moment, f" Its result meets the signal again in '{name}' before any "
+                                                    f"reduction (mean, sum), so it is not a normalisation "
+                                                    f"statistic (those lrp holds fixed).")
+            if name not in optable.SCALES:
+                raise ops.unsupported(self, made_by, f" lrp holds it fixed as a normalisation statistic, which may "
+                                                     f"only multiply or divide the signal; here it meets the signal "
+                                                     f"in '{name}'.")
+        return made_by, moment is not None
 
     def consume(self, obj: Any) -> None:
         """Count a use of each input-dependent tensor in ``obj``; a BatchNorm is merged into the layer before it

@@ -81,9 +81,8 @@ def handle(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict)
     return out
 
 
-def unsupported(trace: "Trace", name: str) -> UnsupportedOperationError:
-    detail = ""
-    if name in optable.DIVISION:
+def unsupported(trace: "Trace", name: str, detail: str = "") -> UnsupportedOperationError:
+    if name in optable.DIVISION and not detail:
         detail = " Here the divisor depends on the input, so it is not a linear map of the input."
     return UnsupportedOperationError(
         f"lrp has no relevance rule for torch op '{name}' called in {trace.where()}.{detail} Explaining past it "
@@ -234,12 +233,46 @@ def _product(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dic
 
 @register(optable.DIVISION)
 def _division(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
-    """Division by a constant is linear (the gradient); a divisor that depends on the input has no rule."""
+    """Division by a constant is linear (the gradient), and so is division by a reduced signal held fixed (a
+    normalisation statistic: ``x / x.sum(-1, keepdim=True)``); another divisor that depends on the input has no
+    rule."""
+    divisor = args[1] if len(args) > 1 else kwargs.get("other")
+    if isinstance(divisor, Tensor) and divisor.requires_grad and trace.is_reduced(divisor):
+        fixed = divisor.detach()
+        args = tuple(fixed if a is divisor else a for a in args)
+        kwargs = {k: fixed if v is divisor else v for k, v in kwargs.items()}
     grad_args = grad_tensors((args, kwargs))
     out = func(*args, **kwargs)
     if len(grad_args) == 1 and args and args[0] is grad_args[0] or not needs_grad(out):
         return out
     raise unsupported(trace, name)
+
+
+@register(optable.MOMENT)
+def _moment(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """A power or root of the signal (``x.pow(2)``, ``rsqrt(var + eps)``), computed without gradient: part of a
+    normalisation statistic, held fixed. Of a reduced signal it is a statistic at once; otherwise it is a
+    moment, which must be reduced (``mean``, ``sum``) before it meets the signal again (``Trace.dispatch``
+    checks)."""
+    x = args[0] if args else kwargs.get("input")
+    grad_args = grad_tensors((args, kwargs))
+    if not (isinstance(x, Tensor) and len(grad_args) == 1 and grad_args[0] is x):
+        out = func(*args, **kwargs)
+        if needs_grad(out):
+            raise unsupported(trace, name)  # e.g. 2 ** x, x ** x
+        return out
+    fixed = x.detach()
+    out = func(fixed, *args[1:], **{k: fixed if v is x else v for k, v in kwargs.items()})
+    trace.fix(out, name, moment=not trace.is_reduced(x))
+    return out
+
+
+@register(optable.SPREAD)
+def _spread(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """Variance, standard deviation, norm of the signal: a normalisation statistic, held fixed."""
+    out = func(*map_tensors(args, lambda t: t.detach()), **map_tensors(kwargs, lambda t: t.detach()))
+    trace.fix(out, name, moment=False)
+    return out
 
 
 # --------------------------------------------------------------------------- layers and BatchNorm

@@ -19,7 +19,7 @@ float double half bfloat16 cpu cuda __getitem__ narrow select index_select gathe
 split_with_sizes chunk unbind tensor_split hsplit vsplit dsplit cat concat concatenate stack hstack vstack dstack
 pad roll flip fliplr flipud rot90 pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle
 masked_fill where unfold fold __iter__ dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
-identity interpolate upsample upsample_nearest masked_scatter index_fill diagonal real
+identity interpolate upsample upsample_nearest masked_scatter index_fill diagonal real type_as
 """.split())
 
 LINEAR = frozenset("""
@@ -62,7 +62,7 @@ squeeze unsqueeze expand expand_as broadcast_to repeat repeat_interleave tile co
 float double half bfloat16 cpu cuda __getitem__ narrow select index_select gather take_along_dim split
 split_with_sizes chunk unbind tensor_split hsplit vsplit dsplit roll flip fliplr flipud rot90 pixel_shuffle
 pixel_unshuffle channel_shuffle native_channel_shuffle unfold fold dropout dropout1d dropout2d dropout3d identity
-upsample_nearest interpolate upsample diagonal real sum mean amax amin avg_pool1d adaptive_avg_pool1d
+upsample_nearest interpolate upsample diagonal real type_as sum mean amax amin avg_pool1d adaptive_avg_pool1d
 adaptive_avg_pool2d adaptive_avg_pool3d max_pool1d max_pool2d max_pool3d max_pool1d_with_indices
 max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
 adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices
@@ -83,6 +83,19 @@ adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_p
 SUBTRACT = frozenset("sub __sub__ subtract".split())
 # interpolation modes whose weights are all >= 0 (not bicubic: its kernel has negative lobes)
 RESAMPLING_KEEPS_SIGN = frozenset("nearest nearest-exact linear bilinear trilinear area".split())
+
+# Normalisation statistics, held fixed (as AttnLRP holds LayerNorm's standard deviation fixed): the signal is
+# divided or multiplied by them, so relevance passes through the signal. A statistic is a reduction (REDUCTION)
+# of a power or root of the signal (MOMENT: computed without gradient, and an error if it meets the signal
+# again before it is reduced), a power or root of a reduced signal, or a spread (SPREAD: var, std, norm).
+MOMENT = frozenset("pow square rsqrt sqrt reciprocal float_power".split())
+REDUCTION = frozenset("mean sum nansum".split())
+SPREAD = frozenset("var std norm linalg_vector_norm".split())
+# how a statistic may meet the signal: scaling it
+SCALES = frozenset("mul __mul__ __rmul__ multiply div __truediv__ true_divide divide".split())
+# what a reduced signal stays through: re-indexing, casts and arithmetic (not layers or activations)
+KEEPS_REDUCED = ROUTE | frozenset("add sub subtract __add__ __radd__ __sub__ __rsub__ mul __mul__ __rmul__ multiply "
+                                  "div __truediv__ true_divide divide neg __neg__".split())
 
 IDENTITY = frozenset("""
 gelu silu sigmoid tanh elu selu celu softplus mish hardswish hardsigmoid relu6 hardtanh clamp clip

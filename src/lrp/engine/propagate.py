@@ -72,6 +72,14 @@ def _sources(layer: LayerRecord) -> tuple:
     return (layer.weight, layer.bias) + (layer.bn.sources if layer.bn is not None else ()) + rule_tensors
 
 
+def _builds(layer: LayerRecord) -> bool:
+    """Whether ``layer``'s backward builds tensors from its weights: a merged BatchNorm's weights, a cast of
+    half-precision weights, or what its rule builds (``LayerRule.builds_from_weights``)."""
+    assert layer.rule is not None
+    return (layer.bn is not None or layer.weight.dtype in (torch.float16, torch.bfloat16)
+            or layer.rule.builds_from_weights())
+
+
 def _rule_key(rule: Any) -> tuple:
     """The rule's type and parameters (tensors among them are sources, see ``_sources``)."""
     return (type(rule),) + tuple(sorted((k, _frozen_value(v)) for k, v in vars(rule).items()
@@ -122,6 +130,7 @@ class Propagation:
         self._tables: dict[tuple, dict] = {}  # base -> weight-derived tensors of this call (without a cache)
         self._pending: dict[tuple, int] = {}  # base -> layer calls that have not run their backward yet
         self._bases: dict[int, tuple] = {}  # layer index -> base
+        self._kept: set[int] = set()  # indices of the layers whose weight-derived tensors the cache keeps
         trace.forward_done()
         self._merge_batchnorms()
         self._choose_rules()
@@ -162,11 +171,13 @@ class Propagation:
                     f"preprocessing out of the model, or use a composite without an input rule (e.g. "
                     f"'epsilon-plus' instead of 'epsilon-plus-flat').")
             layer.propagation = self
-        prints = None
-        if self.cache is not None:  # across calls: the weights' values may have changed without a version bump
-            prints = fingerprints([t for layer in trace.layers for t in _sources(layer) if isinstance(t, Tensor)])
+        # across calls the weights' values may have changed without a version bump: fingerprint the sources of
+        # the layers that build tensors from them (not those of epsilon layers, which build none)
+        self._kept = {layer.index for layer in trace.layers if self.cache is not None and _builds(layer)}
+        kept = [t for layer in trace.layers if layer.index in self._kept for t in _sources(layer)]
+        prints = fingerprints([t for t in kept if isinstance(t, Tensor)]) if kept else None
         for layer in trace.layers:
-            base = self._base(layer, prints)
+            base = self._base(layer, prints if layer.index in self._kept else None)
             self._bases[layer.index] = base
             self._pending[base] = self._pending.get(base, 0) + 1
 
@@ -181,7 +192,8 @@ class Propagation:
 
     def _table(self, layer: LayerRecord) -> dict:
         base = self._bases[layer.index]
-        if self.cache is not None:
+        if layer.index in self._kept:
+            assert self.cache is not None
             return self.cache.table(base, _sources(layer))
         return self._tables.setdefault(base, {})
 
@@ -201,11 +213,11 @@ class Propagation:
 
         def cached(key: Any, make: Callable[[], Any]) -> Any:
             if key not in table:
-                if self.cache is not None:
-                    self.cache.misses += 1
+                if layer.index in self._kept:
+                    self.cache.misses += 1  # type: ignore[union-attr]  # kept: there is a cache
                 table[key] = make()
-            elif self.cache is not None:
-                self.cache.hits += 1
+            elif layer.index in self._kept:
+                self.cache.hits += 1  # type: ignore[union-attr]
             return table[key]
 
         if layer.bn is not None:

@@ -149,6 +149,9 @@ class TensorFacts:
     softmax: Optional[SoftmaxRecord] = None  # the output of a softmax (or a re-indexing of one)
     head: Optional[tuple[str, Tensor]] = None  # a possible output head: (kind, the head's input)
     superseded: Optional[Tensor] = None  # an in-place op (run out of place) replaced it by this tensor
+    moment: Optional[str] = None  # a power or root of the signal (the op's name), held fixed, not yet reduced
+    statistic: Optional[str] = None  # a normalisation statistic held fixed (the op that began it)
+    reduced: bool = False  # the signal after a reduction (mean, sum) over some of its elements
 
     def alive(self, t: Tensor) -> bool:
         return self.ref() is t

@@ -1,0 +1,232 @@
+"""Normalisations by what they compute, not by class name (issue 13, item 1).
+
+A normalisation divides or multiplies the signal by a statistic of it (a root of a mean of squares, a variance,
+a norm). lrp holds the statistic fixed, as AttnLRP holds LayerNorm's standard deviation fixed, so relevance
+passes through the signal. Hand-written forms (Llama's and Gemma's RMSNorm, T5's LayerNorm, a LayerNorm written
+out, a norm in the denominator) must give what the built-in forms give (``F.rms_norm``, ``F.layer_norm``,
+``F.normalize``, which lrp already holds fixed), and a power or root that is not part of such a statistic still
+stops ``explain`` with an error naming it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lrp
+
+D = 8
+
+
+COMPUTE = torch.float64  # Hugging Face computes these in float32; the tests run in float64 throughout
+
+
+class LlamaRMSNorm(nn.Module):
+    """As in Hugging Face's Llama/Qwen/Mistral: the statistic in float32 (here ``COMPUTE``), then back to the
+    input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(weight.clone()), eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.to(COMPUTE)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """As in Gemma: ``x * rsqrt(mean(x * x) + eps) * (1 + w)``."""
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(weight.clone() - 1.0), eps
+
+    def forward(self, x):
+        norm = x * torch.rsqrt(x.to(COMPUTE).square().mean(-1, keepdim=True) + self.eps)
+        return (norm * (1.0 + self.weight.to(COMPUTE))).type_as(x)
+
+
+class BuiltinRMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(weight.clone()), eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (D,), self.weight, self.eps)
+
+
+class LayerNormByHand(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, how: str, eps: float = 1e-5):
+        super().__init__()
+        self.weight, self.bias, self.how, self.eps = nn.Parameter(weight.clone()), nn.Parameter(bias.clone()), how, eps
+
+    def forward(self, x):
+        if self.how == "builtin":
+            return F.layer_norm(x, (D,), self.weight, self.bias, self.eps)
+        centred = x - x.mean(-1, keepdim=True)
+        if self.how == "var":
+            var = x.var(-1, keepdim=True, unbiased=False)
+        else:
+            var = (centred ** 2).mean(-1, keepdim=True)
+        return centred / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class Net(nn.Module):
+    """fc -> norm -> relu -> fc, in float64."""
+
+    def __init__(self, norm: nn.Module, bias: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.norm = nn.Linear(5, D, bias=bias), nn.Linear(D, 3, bias=bias), norm
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.norm(self.fc1(x))))
+
+
+def _weight(seed: int = 1) -> torch.Tensor:
+    return torch.rand(D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def _relevance(norm: nn.Module, composite: str, bias: bool = True) -> torch.Tensor:
+    model = Net(norm, bias).double().eval()
+    return lrp.explain(model, _x(), target=0, composite=composite).relevance
+
+
+@pytest.mark.parametrize("composite", ["lrp0", "epsilon", "epsilon-plus"])
+@pytest.mark.parametrize("written", [LlamaRMSNorm, GemmaRMSNorm])
+def test_hand_written_rmsnorm_equals_the_builtin(written, composite):
+    ours = _relevance(written(_weight()), composite)
+    ref = _relevance(BuiltinRMSNorm(_weight()), composite)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["var", "moments"])
+def test_a_layernorm_written_out_equals_the_builtin(how):
+    bias = torch.linspace(-0.3, 0.3, D, dtype=torch.float64)
+    ours = _relevance(LayerNormByHand(_weight(), bias, how), "epsilon")
+    ref = _relevance(LayerNormByHand(_weight(), bias, "builtin"), "epsilon")
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+class NormDivide(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "builtin":
+            return F.normalize(x, dim=-1, eps=1e-12)
+        if self.how == "norm":
+            return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+
+
+@pytest.mark.parametrize("how", ["norm", "vector_norm"])
+def test_dividing_by_a_norm_equals_f_normalize(how):
+    ours = _relevance(NormDivide(how), "epsilon")
+    ref = _relevance(NormDivide("builtin"), "epsilon")
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+class SumNormalised(nn.Module):
+    """Relevance-like weights renormalised by their sum (as ConViT's attention): the sum held fixed."""
+
+    def __init__(self, detach: bool):
+        super().__init__()
+        self.detach = detach
+
+    def forward(self, x):
+        a = F.relu(x) + 0.1
+        total = a.sum(-1, keepdim=True)
+        return a / (total.detach() if self.detach else total)
+
+
+def test_division_by_a_sum_of_the_signal_holds_the_sum_fixed():
+    ours = _relevance(SumNormalised(False), "epsilon")
+    ref = _relevance(SumNormalised(True), "epsilon")
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bias_free_network_with_rmsnorm_conserves_relevance():
+    # held fixed, the normalisation is a linear map without bias: LRP-0 conserves relevance exactly
+    model = Net(LlamaRMSNorm(_weight()), bias=False).double().eval()
+    res = lrp.explain(model, _x(), target=0, composite="lrp0")
+    torch.testing.assert_close(res.conservation["input"], torch.ones(4, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+class Cubed(nn.Module):
+    def forward(self, x):
+        return x * x.pow(2)
+
+
+class PlusEnergy(nn.Module):
+    def forward(self, x):
+        return x + x.pow(2).sum(-1, keepdim=True)
+
+
+class RootFeatures(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(F.relu(x) + 1.0)
+
+
+@pytest.mark.parametrize("module, op", [(Cubed, "pow"), (PlusEnergy, "pow"), (RootFeatures, "sqrt")])
+def test_a_power_that_is_no_normalisation_statistic_is_an_error(module, op):
+    # x * x**2: the power meets the signal unreduced; x + sum(x**2): a statistic added, not scaling; sqrt of the
+    # signal feeding the next layer: the output would depend on the input only through values held fixed
+    with pytest.raises(lrp.UnsupportedOperationError, match=op if module is not RootFeatures else "statistics"):
+        lrp.explain(Net(module()).double().eval(), _x(), target=0)
+
+
+def test_type_as_passes_relevance():
+    class Cast(nn.Module):
+        def forward(self, x):
+            return F.relu(x).type_as(x)
+
+    ours = _relevance(Cast(), "epsilon")
+    ref = _relevance(nn.ReLU(), "epsilon")
+    torch.testing.assert_close(ours, ref)
+
+
+class LastToken(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits[:, -1]
+
+
+FAMILIES = ["Llama", "Qwen2", "Mistral", "Gemma"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_language_models_need_no_registration_for_their_rmsnorm(family):
+    # the hand-written RMSNorm of these families held fixed gives exactly the identity rule that registering
+    # lrp.rules.Pass() for the RMSNorm class gives (the way that agrees with LXT)
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LastToken(getattr(transformers, f"{family}ForCausalLM")(config)).double().eval()
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    res = lrp.explain(model, ids, composite="epsilon")
+    norm = type(model.model.model.norm)
+    comp = lrp.composite("epsilon")
+    comp.module_rules = {norm: lrp.rules.Pass()}
+    ref = lrp.explain(model, ids, composite=comp)
+    assert res.relevance.shape == (2, 10) and torch.isfinite(res.relevance).all()
+    # these RMSNorms compute in float32 also in a float64 model, and the gradient through their casts is
+    # rounded to float32 (Pass() skips them): agreement to float32's precision
+    scale = ref.relevance.abs().max().item()
+    torch.testing.assert_close(res.relevance, ref.relevance, rtol=1e-4, atol=1e-6 * scale)
