@@ -73,6 +73,9 @@ class Trace:
         self.trusted = 0
         self.decomposing = 0
         self.token_leaves: list[Tensor] = []  # embedding outputs when the model input is token ids
+        self.token_positions: list[Tensor] = []  # for each: the flat position in the input of each id it embeds
+        if not x.is_floating_point():
+            self.note(x).positions = torch.arange(x.numel(), device=x.device).reshape(x.shape)
 
     # ------------------------------------------------------------------ facts about tensors
     def facts(self, t: Tensor) -> Optional[TensorFacts]:
@@ -199,6 +202,8 @@ class Trace:
         name = optable.op_name(func)
         fixed = self._fixed_among(name, operands) if self.fixed and not self.trusted else None
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
+        if name in optable.ID_VIEWS and not self.x.is_floating_point():
+            self._follow_ids(func, args, kwargs, operands, out)
         if fixed is not None and not needs_grad(out):  # ``+ eps``, a cast, a reshape; a reduction ends a moment
             made_by, moment = fixed
             self.fix(out, made_by, moment and name not in optable.REDUCTION and name not in optable.SPREAD)
@@ -246,6 +251,23 @@ class Trace:
                                                      f"only multiply or divide the signal; here it meets the signal "
                                                      f"in '{name}'.")
         return made_by, moment is not None
+
+    def positions_of(self, t: Tensor) -> Optional[Tensor]:
+        """For token ids (or a re-indexing of them): the flat position in the model input of each id."""
+        entry = self.facts(t)
+        return entry.positions if entry is not None else None
+
+    def _follow_ids(self, func: Callable, args: tuple, kwargs: dict, operands: list, out: Any) -> None:
+        """Token ids re-indexed before the embedding (``ids.view(-1, n)``, ``ids[:, 1:]``) stay token ids: the
+        same op on their positions says where each id came from."""
+        mapped = {id(t): p for t in operands if (p := self.positions_of(t)) is not None}
+        if not mapped:
+            return
+        moved = func(*map_tensors(args, lambda t: mapped.get(id(t), t)),
+                     **map_tensors(kwargs, lambda t: mapped.get(id(t), t)))
+        for t, p in zip(tensors(out), tensors(moved)):
+            if not t.is_floating_point() and t.shape == p.shape:
+                self.note(t).positions = p.long()
 
     def consume(self, obj: Any) -> None:
         """Count a use of each input-dependent tensor in ``obj``; a BatchNorm is merged into the layer before it
@@ -362,6 +384,7 @@ class Trace:
         self.layers.clear()
         self.batchnorms.clear()
         self.token_leaves.clear()
+        self.token_positions.clear()
         self.forward_done()
 
 

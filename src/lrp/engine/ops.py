@@ -308,6 +308,21 @@ def _layer(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict)
     return z
 
 
+@register("addmm", own=True)
+def _addmm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``bias + x @ W`` (Hugging Face's ``Conv1D``, as in GPT-2): a dense layer with weight ``W^T``."""
+    p = {"beta": 1, "alpha": 1, **dict(zip(("input", "mat1", "mat2"), args)), **kwargs}
+    bias, x, w = p["input"], p["mat1"], p["mat2"]
+    if (p["beta"] != 1 or p["alpha"] != 1 or not isinstance(x, Tensor) or not x.requires_grad
+            or not isinstance(w, Tensor) or not isinstance(bias, Tensor) or bias.ndim != 1):
+        out = func(*args, **kwargs)
+        if needs_grad(out):
+            raise unsupported(trace, name, " lrp reads addmm as a dense layer only in the form bias + x @ W, with "
+                                           "a bias vector and fixed W (beta = alpha = 1).")
+        return out
+    return _layer(trace, "linear", F.linear, (x, w.t(), bias), {})
+
+
 @register(optable.BATCHNORM, own=True)
 def _batch_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
     """BatchNorm with fixed statistics, ``s x + t``: merged into the layer before it when that layer's output
@@ -476,9 +491,11 @@ def _embedding(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: d
     """With token ids as the model input, the embedding vectors become the leaves relevance flows to."""
     ids = args[0] if args else kwargs.get("input")
     out = func(*args, **kwargs)
-    if ids is trace.x and not trace.x.is_floating_point():
+    positions = trace.positions_of(ids) if isinstance(ids, Tensor) and not trace.x.is_floating_point() else None
+    if positions is not None:  # the input's ids, or a re-indexing of them (``ids.view(-1, n)`` in GPT-2)
         leaf = out.detach().requires_grad_(True)
         trace.token_leaves.append(leaf)
+        trace.token_positions.append(positions)
         trace.note(leaf).route = (lambda t: t, leaf)
         return leaf
     if needs_grad(out):

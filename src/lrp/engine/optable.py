@@ -91,6 +91,13 @@ RESAMPLING_KEEPS_SIGN = frozenset("nearest nearest-exact linear bilinear triline
 MOMENT = frozenset("pow square rsqrt sqrt reciprocal float_power".split())
 REDUCTION = frozenset("mean sum nansum".split())
 SPREAD = frozenset("var std norm linalg_vector_norm".split())
+# re-indexings and casts through which token ids stay token ids (each element is one of the input's ids)
+ID_VIEWS = frozenset("""
+view reshape view_as reshape_as flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis squeeze
+unsqueeze expand expand_as broadcast_to repeat repeat_interleave tile contiguous clone to type type_as long int
+__getitem__ narrow select index_select gather take_along_dim split split_with_sizes chunk unbind tensor_split
+""".split())
+
 # how a statistic may meet the signal: scaling it
 SCALES = frozenset("mul __mul__ __rmul__ multiply div __truediv__ true_divide divide".split())
 # what a reduced signal stays through: re-indexing, casts and arithmetic (not layers or activations)

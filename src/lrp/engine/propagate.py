@@ -274,16 +274,21 @@ class Propagation:
                 self.cache.sweep()
 
     def input_relevance(self, roots: list, grads: list, tokens: bool, x: Tensor, out: Tensor) -> Tensor:
-        """``root * g`` plus what input rules gave the root directly; for token ids summed over the embedding."""
+        """``root * g`` plus what input rules gave the root directly; for token ids summed over each embedding
+        vector and added up at the position in ``x`` of the id it embeds."""
         relevance = None
-        for root, g in zip(roots, grads):
+        positions = self.trace.token_positions
+        for i, (root, g) in enumerate(zip(roots, grads)):
             dtype = working_dtype(root)  # float32 for half-precision inputs (see explain's docstring)
             r = (torch.zeros_like(root, dtype=dtype) if g is None
                  else to_working(root.detach(), dtype) * to_working(g, dtype))
             if id(root) in self.direct:
                 r = r + self.direct[id(root)]
             if tokens:
-                r = r.sum(-1)
+                per_id = r.sum(-1)
+                r = torch.zeros(x.numel(), dtype=per_id.dtype, device=per_id.device)
+                r.index_add_(0, positions[i].reshape(-1), per_id.reshape(-1))
+                r = r.reshape(x.shape)
             relevance = r if relevance is None else relevance + r
         if relevance is None:
             relevance = torch.zeros(x.shape, dtype=working_dtype(x if x.is_floating_point() else out),

@@ -152,6 +152,7 @@ class TensorFacts:
     moment: Optional[str] = None  # a power or root of the signal (the op's name), held fixed, not yet reduced
     statistic: Optional[str] = None  # a normalisation statistic held fixed (the op that began it)
     reduced: bool = False  # the signal after a reduction (mean, sum) over some of its elements
+    positions: Optional[Tensor] = None  # token ids re-indexed: each element's flat position in the model input
 
     def alive(self, t: Tensor) -> bool:
         return self.ref() is t

@@ -1,0 +1,96 @@
+"""Language-model plumbing (issue 13): token ids re-indexed before the embedding, and Hugging Face's
+``Conv1D`` (``addmm``) as a dense layer; tiny random Hugging Face models explained without registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lrp
+
+V, E, T = 50, 8, 7
+
+
+class TokenNet(nn.Module):
+    """embedding -> relu(fc) -> mean over tokens -> fc; ``ids_as`` says how the ids reach the embedding."""
+
+    def __init__(self, ids_as: str = "ids", conv1d: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc1, self.fc2 = nn.Embedding(V, E), nn.Linear(E, E), nn.Linear(E, 3)
+        self.ids_as, self.conv1d = ids_as, conv1d
+
+    def forward(self, ids):
+        if self.ids_as == "view":  # GPT-2 / OPT: input_ids.view(-1, input_shape[-1])
+            ids = ids.view(-1, ids.shape[-1])
+        elif self.ids_as == "flat":
+            ids = ids.reshape(-1).long().reshape(ids.shape)
+        elif self.ids_as == "tail":  # the first token is left out
+            ids = ids[:, 1:]
+        h = self.emb(ids)
+        if self.conv1d:  # Hugging Face's Conv1D: bias + x @ W with W = fc1.weight.T
+            flat = h.reshape(-1, E)
+            h = torch.addmm(self.fc1.bias, flat, self.fc1.weight.t().contiguous()).reshape(h.shape)
+        else:
+            h = self.fc1(h)
+        return self.fc2(F.relu(h).mean(1))
+
+
+def _ids(n: int = 3) -> torch.Tensor:
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("ids_as", ["view", "flat"])
+def test_token_ids_reshaped_before_the_embedding_are_still_the_input(ids_as):
+    model, ref = TokenNet(ids_as).double().eval(), TokenNet().double().eval()
+    res = lrp.explain(model, _ids(), composite="epsilon")
+    torch.testing.assert_close(res.relevance, lrp.explain(ref, _ids(), composite="epsilon").relevance)
+
+
+def test_a_token_left_out_gets_no_relevance_and_the_others_keep_theirs():
+    ids = _ids()
+    res = lrp.explain(TokenNet("tail").double().eval(), ids, composite="epsilon")
+    assert res.relevance.shape == ids.shape
+    assert torch.equal(res.relevance[:, 0], torch.zeros(3, dtype=res.relevance.dtype))
+    ref = lrp.explain(TokenNet().double().eval(), ids[:, 1:], composite="epsilon")
+    torch.testing.assert_close(res.relevance[:, 1:], ref.relevance)
+
+
+def test_ids_used_for_something_else_are_not_the_input():
+    class PositionsToo(TokenNet):
+        def forward(self, ids):
+            positions = torch.arange(ids.shape[1]).expand_as(ids)  # not built from the ids: no input
+            return self.fc2(F.relu(self.fc1(self.emb(ids) + self.emb(positions))).mean(1))
+
+    res = lrp.explain(PositionsToo().double().eval(), _ids(), composite="epsilon")
+    assert res.relevance.shape == (3, T) and torch.isfinite(res.relevance).all()
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon-plus", "epsilon-alpha2-beta1"])
+def test_addmm_is_the_dense_layer_it_computes(composite):
+    conv1d = lrp.explain(TokenNet(conv1d=True).double().eval(), _ids(), composite=composite)
+    linear = lrp.explain(TokenNet().double().eval(), _ids(), composite=composite)
+    torch.testing.assert_close(conv1d.relevance, linear.relevance, rtol=1e-10, atol=1e-12)
+
+
+class LastToken(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits[:, -1]
+
+
+def test_opt_reads_its_ids_through_a_view():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    model = LastToken(transformers.OPTForCausalLM(config)).double().eval()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    res = lrp.explain(model, ids, composite="epsilon")
+    assert res.relevance.shape == ids.shape and torch.isfinite(res.relevance).all()
+    assert (res.relevance != 0).all()
