@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..composites import LayerInfo
 from ..errors import UnsupportedOperationError
-from . import attention, optable
+from . import attention, optable, recurrent
 from .functions import (BatchNormFunction, IdentityRuleFunction, LayerFunction, LinearizedFunction,
                         MaxAsAveragePoolFunction, ScaleGradientFunction, SoftmaxFunction)
 from .layers import make_linear_op
@@ -519,3 +519,11 @@ def _decomposed(replacement: Callable) -> Handler:
 
 register("scaled_dot_product_attention", own=True)(_decomposed(attention.scaled_dot_product_attention))
 register("multi_head_attention_forward", own=True)(_decomposed(attention.multi_head_attention_forward))
+register("lstm", own=True)(_decomposed(recurrent.lstm))
+register("gru", own=True)(_decomposed(recurrent.gru))
+register("rnn_tanh", own=True)(_decomposed(recurrent.rnn(torch.tanh)))
+register("rnn_relu", own=True)(_decomposed(recurrent.rnn(torch.relu)))
+register("lstm_cell", own=True)(_decomposed(recurrent.lstm_cell))
+register("gru_cell", own=True)(_decomposed(recurrent.gru_cell))
+register("rnn_tanh_cell", own=True)(_decomposed(recurrent.rnn_cell(torch.tanh)))
+register("rnn_relu_cell", own=True)(_decomposed(recurrent.rnn_cell(torch.relu)))

@@ -20,6 +20,7 @@ split_with_sizes chunk unbind tensor_split hsplit vsplit dsplit cat concat conca
 pad roll flip fliplr flipud rot90 pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle
 masked_fill where unfold fold __iter__ dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
 identity interpolate upsample upsample_nearest masked_scatter index_fill diagonal real type_as
+pack_padded_sequence pad_packed_sequence
 """.split())
 
 LINEAR = frozenset("""
