@@ -705,6 +705,9 @@ PAIRS = {
                           lambda m, z: F.interpolate(F.max_pool2d(F.relu(z), 2, return_indices=True)[0],
                                                      scale_factor=2)),
                     _image, ("max", "average"), ("attnlrp",)),
+    # an affine map written with addcmul (timm's Affine) or with + and *: the same linear map
+    "addcmul": (_nets(lambda m, z: F.relu(torch.addcmul(0.1 * m.p, m.p, z)),
+                      lambda m, z: F.relu(0.1 * m.p + m.p * z)), _image, ("max",), ("attnlrp",)),
     # conv2 as a module or as F.conv2d with its weights: the same layer (named composites choose rules by the
     # op kind and position, not by module type or name)
     "module vs functional conv": (lambda: [Net(lambda m, z: F.relu(z)).double().eval(),

@@ -94,3 +94,12 @@ def test_opt_reads_its_ids_through_a_view():
     res = lrp.explain(model, ids, composite="epsilon")
     assert res.relevance.shape == ids.shape and torch.isfinite(res.relevance).all()
     assert (res.relevance != 0).all()
+
+
+def test_addcmul_of_two_activations_is_an_error():
+    class Squares(nn.Module):
+        def forward(self, x):
+            return torch.addcmul(x, x, x).sum(-1, keepdim=True)
+
+    with pytest.raises(lrp.UnsupportedOperationError, match="addcmul"):
+        lrp.explain(Squares(), torch.randn(2, 3))

@@ -323,6 +323,18 @@ def _addmm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict)
     return _layer(trace, "linear", F.linear, (x, w.t(), bias), {})
 
 
+@register("addcmul")
+def _addcmul(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``input + value * t1 * t2``: linear (the gradient) while ``t1`` and ``t2`` do not both depend on the input
+    (timm's ``Affine``: ``addcmul(beta, alpha, x)``)."""
+    p = dict(zip(("input", "tensor1", "tensor2"), args)) | kwargs
+    factors = [t for t in (p.get("tensor1"), p.get("tensor2")) if isinstance(t, Tensor) and t.requires_grad]
+    if len(factors) > 1:
+        raise unsupported(trace, name, " Both factors depend on the input: a product of activations inside "
+                                       "addcmul; write it as input + value * (t1 * t2).")
+    return func(*args, **kwargs)
+
+
 @register(optable.BATCHNORM, own=True)
 def _batch_norm(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
     """BatchNorm with fixed statistics, ``s x + t``: merged into the layer before it when that layer's output
