@@ -51,6 +51,19 @@ class GemmaRMSNorm(nn.Module):
         return (norm * (1.0 + self.weight.to(COMPUTE))).type_as(x)
 
 
+class InPlaceRMSNorm(nn.Module):
+    """The statistic applied in place: ``x *= rsqrt(mean(x**2) + eps)``."""
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(weight.clone()), eps
+
+    def forward(self, x):
+        h = x.clone()
+        h *= torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h * self.weight
+
+
 class BuiltinRMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float = 1e-6):
         super().__init__()
@@ -102,7 +115,7 @@ def _relevance(norm: nn.Module, composite: str, bias: bool = True) -> torch.Tens
 
 
 @pytest.mark.parametrize("composite", ["lrp0", "epsilon", "epsilon-plus"])
-@pytest.mark.parametrize("written", [LlamaRMSNorm, GemmaRMSNorm])
+@pytest.mark.parametrize("written", [LlamaRMSNorm, GemmaRMSNorm, InPlaceRMSNorm])
 def test_hand_written_rmsnorm_equals_the_builtin(written, composite):
     ours = _relevance(written(_weight()), composite)
     ref = _relevance(BuiltinRMSNorm(_weight()), composite)

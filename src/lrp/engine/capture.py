@@ -246,7 +246,7 @@ class Trace:
                 raise ops.unsupported(self, moment, f" Its result meets the signal again in '{name}' before any "
                                                     f"reduction (mean, sum), so it is not a normalisation "
                                                     f"statistic (those lrp holds fixed).")
-            if name not in optable.SCALES:
+            if optable.out_of_place(name) not in optable.SCALES:  # ``x *= s`` scales too
                 raise ops.unsupported(self, made_by, f" lrp holds it fixed as a normalisation statistic, which may "
                                                      f"only multiply or divide the signal; here it meets the signal "
                                                      f"in '{name}'.")
