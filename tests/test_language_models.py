@@ -103,3 +103,58 @@ def test_addcmul_of_two_activations_is_an_error():
 
     with pytest.raises(lrp.UnsupportedOperationError, match="addcmul"):
         lrp.explain(Squares(), torch.randn(2, 3))
+
+
+class Remapped(nn.Module):
+    """Ids remapped by a table, or changed one by one, before the embedding; a second embedding of them."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.emb2 = nn.Embedding(V, E), nn.Embedding(V, E)
+        self.fc = nn.Linear(E, 2, bias=False)
+        self.register_buffer("table", torch.randperm(V))
+        self.how = how
+
+    def forward(self, ids):
+        if self.how == "table":
+            h = self.emb(self.table[ids])
+        elif self.how == "table given":  # the same, with the remapped ids as the input
+            h = self.emb(ids)
+        elif self.how == "masked second embedding":
+            h = self.emb(ids) + self.emb2(ids.masked_fill(ids > 40, 0))
+        elif self.how == "clamped second embedding":
+            h = self.emb(ids) + self.emb2(ids.clamp(max=40))
+        elif self.how == "zeroed copy":
+            h = self.emb(ids) + self.emb2(ids.clone().zero_())
+        elif self.how == "zeros like":
+            h = self.emb(ids) + self.emb2(torch.zeros_like(ids))
+        else:  # "sum of two ids": no position to give it
+            h = self.emb((ids + ids.flip(1)) % V)
+        return self.fc(h.mean(1))
+
+
+def test_ids_read_through_a_table_keep_their_positions():
+    model, ids = Remapped("table").double().eval(), _ids()
+    res = lrp.explain(model, ids, target=0, composite="lrp0")
+    ref = lrp.explain(Remapped("table given").double().eval(), model.table[ids], target=0, composite="lrp0")
+    torch.testing.assert_close(res.relevance, ref.relevance)
+
+
+@pytest.mark.parametrize("how", ["masked second embedding", "clamped second embedding"])
+def test_ids_changed_one_by_one_stay_the_input(how):
+    # bias-free, LRP-0: every bit of relevance reaches some token (conservation), none is lost to a constant
+    res = lrp.explain(Remapped(how).double().eval(), _ids(), target=0, composite="lrp0")
+    torch.testing.assert_close(res.conservation["input"], torch.ones(3, dtype=torch.float64))
+
+
+def test_a_zeroed_copy_of_the_ids_is_a_constant_like_zeros_like():
+    ids = _ids()
+    zeroed = lrp.explain(Remapped("zeroed copy").double().eval(), ids, target=0, composite="lrp0")
+    zeros = lrp.explain(Remapped("zeros like").double().eval(), ids, target=0, composite="lrp0")
+    torch.testing.assert_close(zeroed.relevance, zeros.relevance)
+
+
+def test_ids_combined_with_each_other_are_refused():
+    with pytest.raises(lrp.UnsupportedOperationError, match="computed from the token ids"):
+        lrp.explain(Remapped("sum of two ids").double().eval(), _ids(), target=0)

@@ -243,3 +243,45 @@ def test_language_models_need_no_registration_for_their_rmsnorm(family):
     # rounded to float32 (Pass() skips them): agreement to float32's precision
     scale = ref.relevance.abs().max().item()
     torch.testing.assert_close(res.relevance, ref.relevance, rtol=1e-4, atol=1e-6 * scale)
+
+
+class Expression(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+NOT_NORMALISATIONS = {
+    # a statistic that scales the signal up: x * mean(x**2) is cubic in x, x * |x| quadratic
+    "x * mean(x**2)": lambda x: x * x.pow(2).mean(-1, keepdim=True),
+    "x * norm(x)": lambda x: x * x.norm(dim=-1, keepdim=True),
+    "x / rsqrt(var)": lambda x: x / torch.rsqrt(x.var(-1, keepdim=True) + 1e-5),
+    # a constant over a reduced signal, then added or alone
+    "x + 1 / sum(x)": lambda x: x + torch.ones_like(x) / F.relu(x).sum(-1, keepdim=True),
+    "1 / sum(x) alone": lambda x: torch.ones_like(x) / (F.relu(x).sum(-1, keepdim=True) + 1.0),
+    # a "mean" over a dimension of size 1 reduces nothing: this is x / x
+    "x / mean over size 1": lambda x: x / (x[..., :1].mean(-1, keepdim=True) + 10.0),
+    # division with rounding: piecewise constant
+    "floor division": lambda x: torch.div(x, 2.0, rounding_mode="floor"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_NORMALISATIONS))
+def test_what_only_looks_like_a_normalisation_is_an_error(name):
+    with pytest.raises(lrp.UnsupportedOperationError):
+        lrp.explain(Net(Expression(NOT_NORMALISATIONS[name])).double().eval(), _x(), target=0)
+
+
+def test_a_ratio_of_statistics_may_scale_the_signal():
+    # ConvNeXt-V2's GlobalResponseNorm: x * (g / mean(g)), g = ||x||: a dimensionless gain, held fixed
+    def grn(x, fixed=False):
+        g = x.norm(dim=-1, keepdim=True)
+        gain = g / (g.mean(0, keepdim=True) + 1e-6)
+        return x + x * (gain.detach() if fixed else gain)
+
+    ours = _relevance(Expression(grn), "epsilon")
+    ref = _relevance(Expression(lambda x: grn(x, fixed=True)), "epsilon")
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)

@@ -239,6 +239,8 @@ def _forward(model: torch.nn.Module, trace: Trace, leaf: Tensor, tokens: bool) -
     try:
         with trace.capture():
             out = model(leaf)
+    except LRPError:
+        raise  # lrp's own error says what is wrong
     except Exception as exc:
         if tokens and not trace.token_leaves:
             raise LRPError(f"x holds integers ({leaf.dtype}), which lrp reads as token ids, but the model failed "

@@ -93,12 +93,14 @@ class Trace:
         entry = self.facts(t)
         return entry is not None and entry.nonnegative
 
-    def fix(self, out: Any, made_by: str, moment: bool) -> None:
-        """``out`` is held fixed: a moment (to be reduced) or a normalisation statistic, begun by op ``made_by``."""
+    def fix(self, out: Any, made_by: str, moment: bool, degree: Optional[float]) -> None:
+        """``out`` is held fixed: a moment (to be reduced) or a normalisation statistic, begun by op ``made_by``,
+        that scales with the signal with ``degree`` (``None``: not as a power)."""
         for t in tensors(out):
             if t.is_floating_point():
                 entry = self.note(t)
                 entry.moment, entry.statistic = (made_by, None) if moment else (None, made_by)
+                entry.degree = degree
                 self.fixed += 1
 
     def is_reduced(self, t: Tensor) -> bool:
@@ -202,11 +204,12 @@ class Trace:
         name = optable.op_name(func)
         fixed = self._fixed_among(name, operands) if self.fixed and not self.trusted else None
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
-        if name in optable.ID_VIEWS and not self.x.is_floating_point():
-            self._follow_ids(func, args, kwargs, operands, out)
+        if not self.x.is_floating_point() and self.ids_seen(operands):
+            self._follow_ids(name, func, args, kwargs, operands, out)
         if fixed is not None and not needs_grad(out):  # ``+ eps``, a cast, a reshape; a reduction ends a moment
             made_by, moment = fixed
-            self.fix(out, made_by, moment and name not in optable.REDUCTION and name not in optable.SPREAD)
+            self.fix(out, made_by, moment and name not in optable.REDUCTION and name not in optable.SPREAD,
+                     self._degree(name, args, kwargs))
         if name == "__setitem__" or not gradient_free(out) or (not torch.is_grad_enabled()
                                                                 and isinstance(out, Tensor)):
             # with gradients off (inside a custom autograd function's forward, or a no_grad block) an op on an
@@ -214,7 +217,8 @@ class Trace:
             self.consume(operands)
         if self.trusted or not needs_grad(out):
             return out
-        if name in optable.REDUCTION or (name in optable.KEEPS_REDUCED and self._all_reduced(operands)):
+        if (name in optable.REDUCTION and self._reduces(operands, out)) or (
+                name in optable.KEEPS_REDUCED and self._all_reduced(operands)):
             for t in tensors(out):
                 self.note(t).reduced = True
         name = optable.out_of_place(name)  # ``relu_``, ``x += y`` are run out of place, as ``relu``, ``x + y``
@@ -225,6 +229,41 @@ class Trace:
         if name == "relu" and isinstance(out, Tensor):
             self._rectified(args[0] if args else kwargs.get("input"), out)
         return out
+
+    @staticmethod
+    def _reduces(operands: list, out: Any) -> bool:
+        """Whether a reduction took several elements into one (not a mean over a dimension of size 1)."""
+        signal = next((t for t in operands if t.requires_grad), None)
+        return isinstance(out, Tensor) and signal is not None and out.numel() < signal.numel()
+
+    def degree_of(self, value: Any) -> Optional[float]:
+        """How ``value`` scales with the signal: 0 for constants and numbers, a held-fixed tensor's degree."""
+        if not isinstance(value, Tensor):
+            return 0.0
+        entry = self.facts(value)
+        if entry is None or not (entry.moment or entry.statistic):
+            return None if value.requires_grad else 0.0
+        return entry.degree
+
+    def _degree(self, name: str, args: tuple, kwargs: dict) -> Optional[float]:
+        """The degree of the result of op ``name`` on held-fixed tensors and constants."""
+        first = args[0] if args else kwargs.get("input")
+        if name in optable.MOMENT:
+            return ops.power_degree(name, args, kwargs, self.degree_of(first))
+        values = [self.degree_of(v) for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
+        if any(v is None for v in values):
+            return None
+        if name in optable.MULTIPLIES:
+            return sum(values)  # type: ignore[arg-type]
+        if name in optable.DIVISION or name == "__rtruediv__":
+            divisor = args[1] if len(args) > 1 else kwargs.get("other")
+            top, bottom = (divisor, first) if name == "__rtruediv__" else (first, divisor)
+            num, den = self.degree_of(top), self.degree_of(bottom)
+            return None if num is None or den is None else num - den
+        fixed = [v for v in values if v != 0.0]
+        if name in ("add", "sub", "__add__", "__radd__", "__sub__", "__rsub__") and len(set(fixed)) > 1:
+            return None  # a sum of terms that scale differently
+        return fixed[0] if fixed else 0.0
 
     def _all_reduced(self, operands: list) -> bool:
         signal = [t for t in operands if t.requires_grad]
@@ -246,10 +285,11 @@ class Trace:
                 raise ops.unsupported(self, moment, f" Its result meets the signal again in '{name}' before any "
                                                     f"reduction (mean, sum), so it is not a normalisation "
                                                     f"statistic (those lrp holds fixed).")
-            if optable.out_of_place(name) not in optable.SCALES:  # ``x *= s`` scales too
+            if not self._normalises(optable.out_of_place(name), operands, entries):
                 raise ops.unsupported(self, made_by, f" lrp holds it fixed as a normalisation statistic, which may "
-                                                     f"only multiply or divide the signal; here it meets the signal "
-                                                     f"in '{name}'.")
+                                                     f"only scale the signal so that the result grows no faster "
+                                                     f"than the signal (x * rsqrt(mean(x**2)), x / norm(x)); here "
+                                                     f"it meets the signal in '{name}'.")
         return made_by, moment is not None
 
     def positions_of(self, t: Tensor) -> Optional[Tensor]:
@@ -257,17 +297,73 @@ class Trace:
         entry = self.facts(t)
         return entry.positions if entry is not None else None
 
-    def _follow_ids(self, func: Callable, args: tuple, kwargs: dict, operands: list, out: Any) -> None:
-        """Token ids re-indexed before the embedding (``ids.view(-1, n)``, ``ids[:, 1:]``) stay token ids: the
-        same op on their positions says where each id came from."""
-        mapped = {id(t): p for t in operands if (p := self.positions_of(t)) is not None}
-        if not mapped:
+    def ids_seen(self, operands: list) -> bool:
+        """Whether an operand is the token ids or computed from them."""
+        return any((entry := self.facts(t)) is not None and (entry.positions is not None or entry.from_ids)
+                   for t in operands if not t.is_floating_point())
+
+    def _follow_ids(self, name: str, func: Callable, args: tuple, kwargs: dict, operands: list, out: Any) -> None:
+        """Integers computed from the token ids. A re-indexing (``ids.view(-1, n)``, ``ids[:, 1:]``) or an
+        elementwise change of each id (``masked_fill``, ``where``, ``clamp``, ``ids + k``, ``table[ids]``) stays
+        token ids: the same op on their positions says where each came from (-1: from no input token). Other
+        integers computed from them (``from_ids``) may not be embedded (``ops._embedding`` refuses them);
+        comparisons (``ids != pad``), and what is built from them (position ids), are not ids."""
+        data = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        positions = self.positions_of(data) if isinstance(data, Tensor) else None
+        if (name.endswith("_") and not name.startswith("__")) or name == "__setitem__" \
+                or name in optable.INPLACE_DUNDER:  # in place on the ids: the positions follow, or go
+            if isinstance(data, Tensor) and positions is not None:
+                if name in ("zero_", "fill_", "copy_", "random_", "uniform_", "normal_"):
+                    entry = self.note(data)  # every value replaced: no longer the ids
+                    entry.positions, entry.from_ids = None, False
+                # masked_fill_, ids[mask] = v, clamp_, add_: each position still holds what its own id became
             return
-        moved = func(*map_tensors(args, lambda t: mapped.get(id(t), t)),
-                     **map_tensors(kwargs, lambda t: mapped.get(id(t), t)))
-        for t, p in zip(tensors(out), tensors(moved)):
-            if not t.is_floating_point() and t.shape == p.shape:
-                self.note(t).positions = p.long()
+        results = [t for t in tensors(out) if not t.is_floating_point() and t.dtype != torch.bool]
+        if not results or name in optable.SHAPE_ONLY:
+            return
+        if name.endswith("_as") and not (isinstance(data, Tensor) and self.ids_seen([data])):
+            return  # view_as(ids), expand_as(ids), type_as(ids): the ids give only a shape or a dtype
+        moved: Optional[list] = None
+        if name in optable.ID_VIEWS and positions is not None:
+            swapped = func(positions, *args[1:], **kwargs) if args else None
+            moved = list(tensors(swapped)) if swapped is not None else None
+        elif name in optable.ID_VALUES:
+            moved = [self._moved_positions(name, args, kwargs, out)]
+        for i, t in enumerate(results):
+            p = moved[i] if moved is not None and i < len(moved) and moved[i] is not None else None
+            entry = self.note(t)
+            if p is not None and p.shape == t.shape:
+                entry.positions = p.long()
+            else:
+                entry.from_ids = True
+
+    def _moved_positions(self, name: str, args: tuple, kwargs: dict, out: Any) -> Optional[Tensor]:
+        """Positions of the result of an elementwise op on token ids (``None``: it mixes several ids)."""
+        if not isinstance(out, Tensor):
+            return None
+        if name in ("__getitem__", "index_select", "gather", "take_along_dim", "embedding"):  # a table of ids
+            index = args[1] if len(args) > 1 else None  # read at the ids: each result comes from one id
+            if name == "index_select":
+                index = args[2] if len(args) > 2 else kwargs.get("index")
+            return self.positions_of(index) if isinstance(index, Tensor) else None
+        derived = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and self.ids_seen([v])]
+        with_positions = [p for v in derived if (p := self.positions_of(v)) is not None]
+        if len(derived) != 1 or len(with_positions) != 1:
+            return None  # several ids combined (ids + ids.flip(1)): no one position
+        positions = with_positions[0]  # masked_fill, where, clamp, ids + k: each position holds what its id became
+        return positions.expand(out.shape) if positions.shape != out.shape else positions
+
+    def _normalises(self, name: str, operands: list, entries: list) -> bool:
+        """A statistic meets the signal as a normaliser: as a multiplier of degree <= 0 (``rsqrt(var)``, a ratio
+        of statistics) or as the divisor of degree >= 0 (``norm``, ``std``)."""
+        degrees = [entry.degree for entry in entries]
+        if any(d is None for d in degrees) or name not in optable.SCALES:
+            return False
+        if name in optable.MULTIPLIES:
+            return all(d <= 0 for d in degrees)  # type: ignore[operator]
+        divisor = operands[1] if len(operands) > 1 else None
+        return (len(entries) == 1 and divisor is not None and self.facts(divisor) is entries[0]
+                and degrees[0] >= 0)  # type: ignore[operator]
 
     def consume(self, obj: Any) -> None:
         """Count a use of each input-dependent tensor in ``obj``; a BatchNorm is merged into the layer before it

@@ -236,11 +236,18 @@ def _division(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: di
     """Division by a constant is linear (the gradient), and so is division by a reduced signal held fixed (a
     normalisation statistic: ``x / x.sum(-1, keepdim=True)``); another divisor that depends on the input has no
     rule."""
+    if kwargs.get("rounding_mode") is not None:  # floor / trunc: piecewise constant, its gradient is 0
+        raise unsupported(trace, name, f" With rounding_mode={kwargs['rounding_mode']!r} it is piecewise "
+                                       f"constant: no relevance would pass.")
     divisor = args[1] if len(args) > 1 else kwargs.get("other")
     if isinstance(divisor, Tensor) and divisor.requires_grad and trace.is_reduced(divisor):
         fixed = divisor.detach()
         args = tuple(fixed if a is divisor else a for a in args)
         kwargs = {k: fixed if v is divisor else v for k, v in kwargs.items()}
+        if not needs_grad((args, kwargs)):  # a constant over the reduced signal: a statistic of degree -1
+            out = func(*args, **kwargs)
+            trace.fix(out, "sum", moment=False, degree=-1.0)
+            return out
     grad_args = grad_tensors((args, kwargs))
     out = func(*args, **kwargs)
     if len(grad_args) == 1 and args and args[0] is grad_args[0] or not needs_grad(out):
@@ -263,15 +270,26 @@ def _moment(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict
         return out
     fixed = x.detach()
     out = func(fixed, *args[1:], **{k: fixed if v is x else v for k, v in kwargs.items()})
-    trace.fix(out, name, moment=not trace.is_reduced(x))
+    trace.fix(out, name, moment=not trace.is_reduced(x), degree=power_degree(name, args, kwargs, 1.0))
     return out
+
+
+def power_degree(name: str, args: tuple, kwargs: dict, base: Optional[float]) -> Optional[float]:
+    """How ``name(t)`` scales when ``t`` scales with degree ``base`` (``None``: not as a power)."""
+    if base is None:
+        return None
+    if name in ("pow", "float_power"):
+        exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+        return base * float(exponent) if isinstance(exponent, (int, float)) and not isinstance(exponent, bool) \
+            else None
+    return base * {"square": 2.0, "sqrt": 0.5, "rsqrt": -0.5, "reciprocal": -1.0}[name]
 
 
 @register(optable.SPREAD)
 def _spread(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
     """Variance, standard deviation, norm of the signal: a normalisation statistic, held fixed."""
     out = func(*map_tensors(args, lambda t: t.detach()), **map_tensors(kwargs, lambda t: t.detach()))
-    trace.fix(out, name, moment=False)
+    trace.fix(out, name, moment=False, degree=2.0 if name == "var" else 1.0)
     return out
 
 
@@ -504,6 +522,13 @@ def _embedding(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: d
     ids = args[0] if args else kwargs.get("input")
     out = func(*args, **kwargs)
     positions = trace.positions_of(ids) if isinstance(ids, Tensor) and not trace.x.is_floating_point() else None
+    entry = trace.facts(ids) if isinstance(ids, Tensor) and positions is None else None
+    if entry is not None and entry.from_ids:
+        raise UnsupportedOperationError(
+            f"the embedding in {trace.where()} reads integers computed from the token ids in a way lrp cannot map "
+            f"back to the input's positions (e.g. two ids combined); embed the ids themselves, re-indexed or "
+            f"changed one by one (view, slicing, masked_fill, where, clamp), or pass the embeddings as a float "
+            f"input")
     if positions is not None:  # the input's ids, or a re-indexing of them (``ids.view(-1, n)`` in GPT-2)
         leaf = out.detach().requires_grad_(True)
         trace.token_leaves.append(leaf)

@@ -97,10 +97,23 @@ ID_VIEWS = frozenset("""
 view reshape view_as reshape_as flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis squeeze
 unsqueeze expand expand_as broadcast_to repeat repeat_interleave tile contiguous clone to type type_as long int
 __getitem__ narrow select index_select gather take_along_dim split split_with_sizes chunk unbind tensor_split
+flip fliplr flipud roll
 """.split())
 
-# how a statistic may meet the signal: scaling it
-SCALES = frozenset("mul __mul__ __rmul__ multiply div __truediv__ true_divide divide".split())
+# elementwise changes of each token id (the result at a position comes from the id at that position), and
+# tables read at the ids (``table[ids]``)
+ID_VALUES = frozenset("""
+masked_fill where clamp clamp_min clamp_max clip remainder fmod add sub mul __add__ __radd__ __sub__ __rsub__
+__mul__ __rmul__ __mod__ abs neg __neg__ __getitem__ index_select gather take_along_dim
+""".split())
+# ops that read only a tensor's shape, dtype and device
+SHAPE_ONLY = frozenset("zeros_like ones_like full_like empty_like rand_like randn_like randint_like new_zeros "
+                       "new_ones new_full new_empty new_tensor".split())
+
+# how a statistic may meet the signal: scaling it, so that the result scales no faster than the signal (a
+# multiplier of degree <= 0, a divisor of degree >= 0; see ``Trace._fixed_among``)
+MULTIPLIES = frozenset("mul __mul__ __rmul__ multiply".split())
+SCALES = MULTIPLIES | DIVISION
 # what a reduced signal stays through: re-indexing, casts and arithmetic (not layers or activations)
 KEEPS_REDUCED = ROUTE | frozenset("add sub subtract __add__ __radd__ __sub__ __rsub__ mul __mul__ __rmul__ multiply "
                                   "div __truediv__ true_divide divide neg __neg__".split())

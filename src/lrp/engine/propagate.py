@@ -285,9 +285,10 @@ class Propagation:
             if id(root) in self.direct:
                 r = r + self.direct[id(root)]
             if tokens:
-                per_id = r.sum(-1)
+                per_id, at = r.sum(-1).reshape(-1), positions[i].reshape(-1)
+                keep = at >= 0  # -1: an id that came from no input token (padding put in by the model)
                 r = torch.zeros(x.numel(), dtype=per_id.dtype, device=per_id.device)
-                r.index_add_(0, positions[i].reshape(-1), per_id.reshape(-1))
+                r.index_add_(0, at[keep], per_id[keep])
                 r = r.reshape(x.shape)
             relevance = r if relevance is None else relevance + r
         if relevance is None:
