@@ -23,34 +23,37 @@ Tensor = torch.Tensor
 Cell = Callable[[Tensor, tuple], tuple]
 
 
-def _lstm_cell(w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-               w_hr: Optional[Tensor]) -> Cell:
-    def step(x: Tensor, state: tuple) -> tuple:
+def _gate(pre: Tensor) -> Tensor:
+    """A gate, held fixed: computed from the detached pre-activation, so it gets no relevance (and costs the
+    capture nothing)."""
+    return torch.sigmoid(pre.detach())
+
+
+def _lstm_cell(w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor]) -> Cell:
+    def step(x_proj: Tensor, state: tuple) -> tuple:
         h, c = state
-        i, f, g, o = (F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)).chunk(4, -1)
-        c = torch.sigmoid(f).detach() * c + torch.sigmoid(i).detach() * torch.tanh(g)
-        h = torch.sigmoid(o).detach() * torch.tanh(c)
+        i, f, g, o = (x_proj + F.linear(h, w_hh, b_hh)).chunk(4, -1)
+        c = _gate(f) * c + _gate(i) * torch.tanh(g)
+        h = _gate(o) * torch.tanh(c)
         return (F.linear(h, w_hr) if w_hr is not None else h), c
     return step
 
 
-def _gru_cell(w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Cell:
-    def step(x: Tensor, state: tuple) -> tuple:
+def _gru_cell(w_hh: Tensor, b_hh: Optional[Tensor]) -> Cell:
+    def step(x_proj: Tensor, state: tuple) -> tuple:
         (h,) = state
-        x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, -1)
+        x_r, x_z, x_n = x_proj.chunk(3, -1)
         h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, -1)
-        r = torch.sigmoid(x_r + h_r).detach()
-        z = torch.sigmoid(x_z + h_z).detach()
+        r, z = _gate(x_r + h_r), _gate(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
         return ((1 - z) * n + z * h,)
     return step
 
 
-def _rnn_cell(w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-              activation: Callable[[Tensor], Tensor]) -> Cell:
-    def step(x: Tensor, state: tuple) -> tuple:
+def _rnn_cell(w_hh: Tensor, b_hh: Optional[Tensor], activation: Callable[[Tensor], Tensor]) -> Cell:
+    def step(x_proj: Tensor, state: tuple) -> tuple:
         (h,) = state
-        return (activation(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)),)
+        return (activation(x_proj + F.linear(h, w_hh, b_hh)),)
     return step
 
 
@@ -91,7 +94,8 @@ def _run_packed(cell: Cell, xs: Sequence[Tensor], sizes: list[int], state: tuple
 
 
 def _layers(kind: str, params: Sequence[Tensor], has_biases: bool, num_layers: int, directions: int,
-            nonlinearity: Optional[Callable[[Tensor], Tensor]]) -> list[list[Cell]]:
+            nonlinearity: Optional[Callable[[Tensor], Tensor]]) -> list[list[tuple]]:
+    """``(w_ih, b_ih, cell)`` per layer and direction: the input projection runs once over all steps."""
     per = len(params) // (num_layers * directions)
     cells = []
     for layer in range(num_layers):
@@ -102,12 +106,13 @@ def _layers(kind: str, params: Sequence[Tensor], has_biases: bool, num_layers: i
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             w_hr = p[4 if has_biases else 2] if per in (3, 5) else None
             if kind == "lstm":
-                row.append(_lstm_cell(w_ih, w_hh, b_ih, b_hh, w_hr))
+                cell = _lstm_cell(w_hh, b_hh, w_hr)
             elif kind == "gru":
-                row.append(_gru_cell(w_ih, w_hh, b_ih, b_hh))
+                cell = _gru_cell(w_hh, b_hh)
             else:
                 assert nonlinearity is not None
-                row.append(_rnn_cell(w_ih, w_hh, b_ih, b_hh, nonlinearity))
+                cell = _rnn_cell(w_hh, b_hh, nonlinearity)
+            row.append((w_ih, b_ih, cell))
         cells.append(row)
     return cells
 
@@ -134,10 +139,13 @@ def _recurrent(kind: str, data: Tensor, batch_sizes: Optional[Tensor], hx: tuple
         per_direction = []
         for d in range(directions):
             state = tuple(s[layer * directions + d] for s in hx)
+            w_ih, b_ih, cell = cells[layer][d]
             if batch_sizes is not None:
-                outputs, last = _run_packed(cells[layer][d], xs, sizes, state, reverse=d == 1)
+                projected = list(F.linear(torch.cat(xs), w_ih, b_ih).split(sizes))
+                outputs, last = _run_packed(cell, projected, sizes, state, reverse=d == 1)
             else:
-                outputs, last = _run(cells[layer][d], xs, state, reverse=d == 1)
+                projected = list(F.linear(torch.stack(xs), w_ih, b_ih).unbind(0))
+                outputs, last = _run(cell, projected, state, reverse=d == 1)
             per_direction.append(outputs)
             finals.append(last)
         xs = [torch.cat(steps, -1) if directions == 2 else steps[0] for steps in zip(*per_direction)]
@@ -184,18 +192,18 @@ def rnn(nonlinearity: Callable[[Tensor], Tensor]) -> Callable[..., tuple]:
 def lstm_cell(x: Tensor, hx: Sequence[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None) -> tuple:
     """``torch.lstm_cell`` (what ``nn.LSTMCell`` calls), written out: ``(h, c)``."""
-    return _lstm_cell(w_ih, w_hh, b_ih, b_hh, None)(x, tuple(hx))
+    return _lstm_cell(w_hh, b_hh, None)(F.linear(x, w_ih, b_ih), tuple(hx))
 
 
 def gru_cell(x: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
              b_hh: Optional[Tensor] = None) -> Tensor:
     """``torch.gru_cell`` (what ``nn.GRUCell`` calls), written out."""
-    return _gru_cell(w_ih, w_hh, b_ih, b_hh)(x, (hx,))[0]
+    return _gru_cell(w_hh, b_hh)(F.linear(x, w_ih, b_ih), (hx,))[0]
 
 
 def rnn_cell(nonlinearity: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
     """``torch.rnn_tanh_cell`` / ``torch.rnn_relu_cell`` (what ``nn.RNNCell`` calls), written out."""
     def run(x: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
             b_hh: Optional[Tensor] = None) -> Tensor:
-        return _rnn_cell(w_ih, w_hh, b_ih, b_hh, nonlinearity)(x, (hx,))[0]
+        return _rnn_cell(w_hh, b_hh, nonlinearity)(F.linear(x, w_ih, b_ih), (hx,))[0]
     return run
