@@ -136,3 +136,14 @@ def bias_free_models():
         ("shared", SharedWeights(bias=False), torch.randn(3, 6, generator=g)),
     ]
     return [(name, _order_one(model), x) for name, model, x in models]
+
+
+class LastToken(nn.Module):
+    """A Hugging Face causal language model read at its last token: ``(batch, vocabulary)`` logits."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits[:, -1]

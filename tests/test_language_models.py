@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import lrp
 
+from architectures import LastToken
+
 V, E, T = 50, 8, 7
 
 
@@ -73,15 +75,6 @@ def test_addmm_is_the_dense_layer_it_computes(composite):
     conv1d = lrp.explain(TokenNet(conv1d=True).double().eval(), _ids(), composite=composite)
     linear = lrp.explain(TokenNet().double().eval(), _ids(), composite=composite)
     torch.testing.assert_close(conv1d.relevance, linear.relevance, rtol=1e-10, atol=1e-12)
-
-
-class LastToken(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits[:, -1]
 
 
 def test_opt_reads_its_ids_through_a_view():

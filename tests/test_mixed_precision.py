@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import lrp
 from lrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, WSquare, ZBox, ZPlus
 
+from architectures import LastToken
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HALF = [torch.bfloat16, torch.float16]
 MIN_COSINE = 0.99
@@ -108,15 +110,6 @@ class ResNetLike(nn.Module):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
         x = self.layer1(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class LastToken(nn.Module):
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids):
-        return self.lm(input_ids=ids, use_cache=False).logits[:, -1]
 
 
 def _vgg() -> nn.Module:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 import lrp
 
+from architectures import LastToken
+
 D = 8
 
 
@@ -209,15 +211,6 @@ def test_type_as_passes_relevance():
     torch.testing.assert_close(ours, ref)
 
 
-class LastToken(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits[:, -1]
-
-
 FAMILIES = ["Llama", "Qwen2", "Mistral", "Gemma"]
 
 
@@ -234,7 +227,7 @@ def test_language_models_need_no_registration_for_their_rmsnorm(family):
     model = LastToken(getattr(transformers, f"{family}ForCausalLM")(config)).double().eval()
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
     res = lrp.explain(model, ids, composite="epsilon")
-    norm = type(model.model.model.norm)
+    norm = type(model.lm.model.norm)
     comp = lrp.composite("epsilon")
     comp.module_rules = {norm: lrp.rules.Pass()}
     ref = lrp.explain(model, ids, composite=comp)
