@@ -83,6 +83,9 @@ class LayerNormByHand(nn.Module):
     def forward(self, x):
         if self.how == "builtin":
             return F.layer_norm(x, (D,), self.weight, self.bias, self.eps)
+        if self.how == "var_mean":  # timm's LayerNorm2d
+            var, mean = torch.var_mean(x, -1, unbiased=False, keepdim=True)
+            return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
         centred = x - x.mean(-1, keepdim=True)
         if self.how == "var":
             var = x.var(-1, keepdim=True, unbiased=False)
@@ -124,7 +127,7 @@ def test_hand_written_rmsnorm_equals_the_builtin(written, composite):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("how", ["var", "moments"])
+@pytest.mark.parametrize("how", ["var", "moments", "var_mean"])
 def test_a_layernorm_written_out_equals_the_builtin(how):
     bias = torch.linspace(-0.3, 0.3, D, dtype=torch.float64)
     ours = _relevance(LayerNormByHand(_weight(), bias, how), "epsilon")
@@ -142,10 +145,12 @@ class NormDivide(nn.Module):
             return F.normalize(x, dim=-1, eps=1e-12)
         if self.how == "norm":
             return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if self.how == "linalg.norm":
+            return x / torch.linalg.norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
         return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
 
 
-@pytest.mark.parametrize("how", ["norm", "vector_norm"])
+@pytest.mark.parametrize("how", ["norm", "vector_norm", "linalg.norm"])
 def test_dividing_by_a_norm_equals_f_normalize(how):
     ours = _relevance(NormDivide(how), "epsilon")
     ref = _relevance(NormDivide("builtin"), "epsilon")

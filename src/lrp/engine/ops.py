@@ -293,6 +293,18 @@ def _spread(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict
     return out
 
 
+@register(("var_mean", "std_mean"))
+def _spread_and_mean(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``var_mean`` / ``std_mean`` (timm's LayerNorm2d): the spread a statistic held fixed, the mean the signal."""
+    x = args[0] if args else kwargs.get("input")
+    spread, mean = func(*args, **kwargs)
+    spread = spread.detach()
+    trace.fix(spread, name, moment=False, degree=2.0 if name == "var_mean" else 1.0)
+    if isinstance(x, Tensor) and mean.numel() < x.numel():
+        trace.note(mean).reduced = True
+    return spread, mean
+
+
 # --------------------------------------------------------------------------- layers and BatchNorm
 
 @register(optable.LAYERS, own=True)

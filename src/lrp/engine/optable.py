@@ -91,7 +91,7 @@ RESAMPLING_KEEPS_SIGN = frozenset("nearest nearest-exact linear bilinear triline
 # again before it is reduced), a power or root of a reduced signal, or a spread (SPREAD: var, std, norm).
 MOMENT = frozenset("pow square rsqrt sqrt reciprocal float_power".split())
 REDUCTION = frozenset("mean sum nansum".split())
-SPREAD = frozenset("var std norm linalg_vector_norm".split())
+SPREAD = frozenset("var std norm linalg_vector_norm linalg_norm".split())
 # re-indexings and casts through which token ids stay token ids (each element is one of the input's ids)
 ID_VIEWS = frozenset("""
 view reshape view_as reshape_as flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis squeeze
