@@ -10,6 +10,8 @@ stops ``explain`` with an error naming it.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -198,12 +200,55 @@ class RootFeatures(nn.Module):
         return torch.sqrt(F.relu(x) + 1.0)
 
 
-@pytest.mark.parametrize("module, op", [(Cubed, "pow"), (PlusEnergy, "pow"), (RootFeatures, "sqrt")])
-def test_a_power_that_is_no_normalisation_statistic_is_an_error(module, op):
-    # x * x**2: the power meets the signal unreduced; x + sum(x**2): a statistic added, not scaling; sqrt of the
-    # signal feeding the next layer: the output would depend on the input only through values held fixed
-    with pytest.raises(lrp.UnsupportedOperationError, match=op if module is not RootFeatures else "statistics"):
+class PowerBeside(nn.Module):
+    def forward(self, x):
+        return torch.cat([x, x.pow(2)], -1)[..., :D]
+
+
+class PowerAdded(nn.Module):
+    def forward(self, x):
+        return x + 0.1 * x.pow(3)
+
+
+@pytest.mark.parametrize("module, match", [
+    (PlusEnergy, "pow"),  # a statistic added to the signal, not scaling it
+    (PowerBeside, "'pow'.*'cat'"),  # a power beside the signal: neither a gate nor reduced
+    (RootFeatures, "statistics"),  # the next layer reads only values held fixed
+    (PowerAdded, "statistics"),  # x + x**3 is no linear map of x: held fixed, it is all the next layer reads
+])
+def test_a_power_that_is_no_normalisation_statistic_or_gate_is_an_error(module, match):
+    with pytest.raises(lrp.UnsupportedOperationError, match=match):
         lrp.explain(Net(module()).double().eval(), _x(), target=0)
+
+
+class TanhGELU(nn.Module):
+    """Hugging Face's ``NewGELUActivation`` (GPT-2), written out as there."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class BuiltinTanhGELU(nn.Module):
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+@pytest.mark.parametrize("composite", ["lrp0", "epsilon", "epsilon-plus"])
+def test_hand_written_tanh_gelu_equals_the_builtin(composite):
+    # the power inside is a gate of the signal, held fixed: the identity rule that F.gelu gets
+    ours = _relevance(TanhGELU(), composite)
+    ref = _relevance(BuiltinTanhGELU(), composite)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_the_signal_times_a_power_of_it_is_gated_by_the_power():
+    # x * x**2 is read as an elementwise activation: the power held fixed, relevance passes (identity rule),
+    # exactly as registering lrp.rules.Pass() for the module gives
+    ours = _relevance(Cubed(), "epsilon")
+    comp = lrp.composite("epsilon")
+    comp.module_rules = {Cubed: lrp.rules.Pass()}
+    ref = lrp.explain(Net(Cubed()).double().eval(), _x(), target=0, composite=comp).relevance
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_type_as_passes_relevance():

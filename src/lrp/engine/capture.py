@@ -203,6 +203,12 @@ class Trace:
                 return func(*args, **kwargs)
         name = optable.op_name(func)
         fixed = self._fixed_among(name, operands) if self.fixed and not self.trusted else None
+        if fixed is not None and fixed[1] and name in optable.SUMS and needs_grad(operands):
+            # the signal plus a power of it (``x + 0.044715 * x**3`` in a tanh GELU): a function of the signal
+            # that is no linear map of it, so the sum joins the moment (held fixed, a gate at most)
+            out = func(*map_tensors(args, Tensor.detach), **map_tensors(kwargs, Tensor.detach))
+            self.fix(out, fixed[0], True, None)
+            return out
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
         if not self.x.is_floating_point() and self.ids_seen(operands):
             self._follow_ids(name, func, args, kwargs, operands, out)
@@ -282,9 +288,12 @@ class Trace:
         assert made_by is not None
         if any(t.requires_grad for t in operands):
             if moment is not None:
-                raise ops.unsupported(self, moment, f" Its result meets the signal again in '{name}' before any "
-                                                    f"reduction (mean, sum), so it is not a normalisation "
-                                                    f"statistic (those lrp holds fixed).")
+                if name in optable.SUMS or name in optable.ELEMENTWISE_PRODUCT:
+                    return moment, True  # joins the moment (``dispatch``), or gates the signal: held fixed
+                raise ops.unsupported(self, moment, f" Its result meets the signal again in '{name}' neither as a "
+                                                    f"gate (an elementwise product with the signal: x * f(x**3)) "
+                                                    f"nor reduced (mean, sum) into a normalisation statistic; "
+                                                    f"lrp holds such values fixed only in those two roles.")
             if not self._normalises(optable.out_of_place(name), operands, entries):
                 raise ops.unsupported(self, made_by, f" lrp holds it fixed as a normalisation statistic, which may "
                                                      f"only scale the signal so that the result grows no faster "

@@ -126,6 +126,8 @@ softsign tanhshrink logsigmoid log_softmax
 # activations whose output, multiplied with another activation, is a gate: relevance goes to the other factor
 GATES = frozenset("sigmoid hardsigmoid".split())
 ELEMENTWISE_PRODUCT = frozenset("mul __mul__ __rmul__ multiply".split())
+# elementwise sums: the signal plus a moment of it joins the moment (``Trace.dispatch``)
+SUMS = frozenset("add sub subtract __add__ __radd__ __sub__ __rsub__ rsub".split())
 
 # output heads: a model whose output is one of these (over the class dimension, for the softmaxes), possibly
 # followed by pure reshapes, is explained from the head's input (the logits)
