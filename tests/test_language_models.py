@@ -151,3 +151,73 @@ def test_a_zeroed_copy_of_the_ids_is_a_constant_like_zeros_like():
 def test_ids_combined_with_each_other_are_refused():
     with pytest.raises(lrp.UnsupportedOperationError, match="computed from the token ids"):
         lrp.explain(Remapped("sum of two ids").double().eval(), _ids(), target=0)
+
+
+def _llama(tie: bool = False):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+def test_next_token_reads_the_logits_after_the_last_token():
+    lm = _llama()
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    ours = lrp.explain(lrp.language.NextToken(lm), ids, composite="epsilon")
+    ref = lrp.explain(LastToken(lm), ids, composite="epsilon")
+    torch.testing.assert_close(ours.relevance, ref.relevance, rtol=0, atol=0)
+    assert torch.equal(ours.target, lm(ids).logits[:, -1].argmax(-1))
+
+
+def test_a_generated_continuation_is_the_sum_of_its_tokens_explanations():
+    # the continuation's score is the sum of the generated tokens' logits (the log-likelihood with each
+    # position's normaliser held fixed): its relevance is the sum of the explanations of each token from the
+    # tokens before it, read off the same sequence
+    lm = _llama()
+    prompt = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    out = lm.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    cont = lrp.language.Continuation(lm, prompt.shape[1])
+    res = lrp.explain(cont, out, composite="epsilon")
+    assert res.relevance.shape == out.shape
+    logits = lm(out).logits
+    picked = logits[:, 4:-1].gather(-1, out[:, 5:, None]).squeeze(-1)
+    torch.testing.assert_close(res.output, picked.sum(-1))
+    total = sum(lrp.explain(lrp.language.NextToken(lm, 4 + t), out, target=out[:, 5 + t],
+                            composite="epsilon").relevance for t in range(3))
+    torch.testing.assert_close(res.relevance, total, rtol=1e-7, atol=1e-9)
+    logp = cont.log_probabilities(out)
+    torch.testing.assert_close(logp, torch.log_softmax(logits[:, 4:-1], -1).gather(-1, out[:, 5:, None])[..., 0])
+    # the continuation's last token predicts nothing: it gets no relevance
+    assert (res.relevance[:, -1] == 0).all() and (res.relevance[:, :-1] != 0).all()
+
+
+def test_a_continuation_leaves_padding_out():
+    lm = _llama()
+    prompt = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(1))
+    out = lm.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    padded = out.clone()
+    padded[:, -1] = 0  # the sequence ended one token earlier; 0 pads it
+    ours = lrp.explain(lrp.language.Continuation(lm, 5, pad_token_id=0), padded, composite="epsilon")
+    short = lrp.explain(lrp.language.Continuation(lm, 5), padded[:, :-1], composite="epsilon")
+    torch.testing.assert_close(ours.relevance[:, :-1], short.relevance, rtol=1e-7, atol=1e-9)
+
+
+def test_a_continuation_from_embeddings_gives_the_token_ids_relevance_summed():
+    lm = _llama(tie=True)
+    prompt = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(1))
+    out = lm.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    ids_res = lrp.explain(lrp.language.Continuation(lm, 5), out, composite="epsilon")
+    embeds = lm.get_input_embeddings()(out).detach()
+    emb_res = lrp.explain(lrp.language.Continuation(lm, 5, tokens=out[:, 5:]), embeds, composite="epsilon")
+    torch.testing.assert_close(emb_res.relevance.sum(-1), ids_res.relevance, rtol=1e-7, atol=1e-9)
+
+
+def test_a_continuation_needs_one():
+    lm = _llama()
+    ids = torch.randint(0, 100, (1, 5))
+    with pytest.raises(lrp.LRPError, match="no continuation"):
+        lrp.explain(lrp.language.Continuation(lm, 5), ids)
+    with pytest.raises(lrp.LRPError, match="tokens="):
+        lrp.explain(lrp.language.Continuation(lm, 3), torch.randn(1, 5, 32, dtype=torch.float64))

@@ -5,7 +5,7 @@
 >>> res.relevance.shape == x.shape               # doctest: +SKIP
 """
 
-from . import baselines, evaluate, models, rules
+from . import baselines, evaluate, language, models, rules
 from .composites import Composite, composite, register_module_rule
 from .errors import LRPError, RuleError, TargetError, UnsupportedOperationError
 from .explain import Explainer, Explanation, explain
@@ -13,7 +13,7 @@ from .visualize import channel_grid, heatmap, is_multiband, overlay, token_html
 
 __all__ = [
     "explain", "Explainer", "Explanation", "composite", "Composite", "register_module_rule", "rules", "models",
-    "evaluate", "baselines",
+    "evaluate", "baselines", "language",
     "heatmap", "overlay", "token_html", "channel_grid", "is_multiband",
     "LRPError", "RuleError", "TargetError", "UnsupportedOperationError",
 ]
