@@ -11,6 +11,7 @@ functions of ``lrp.engine.functions``. What the capture learns about a tensor is
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable, Optional
 
@@ -19,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..composites import Composite, module_rule_for
 from ..errors import RuleError
-from . import ops, optable, signs
+from . import ops, optable, signs, ssm
 from .functions import ModuleRuleFunction
 from .records import BatchNormRecord, LayerRecord, TensorFacts
 from .trees import gradient_free, map_tensors, needs_grad, tensors
@@ -500,6 +501,7 @@ class _Capture:
         self.trace = trace
         self.handles: list = []
         self.mode: Optional[TorchFunctionMode] = None
+        self.forwards: list[tuple[torch.nn.Module, Any]] = []  # modules whose forward stands in, and their own
 
     def __enter__(self) -> Trace:
         trace = self.trace
@@ -508,6 +510,9 @@ class _Capture:
                 self.handles.append(module.register_forward_pre_hook(trace._pre_hook, with_kwargs=True))
                 self.handles.append(module.register_forward_hook(trace._post_hook, with_kwargs=True,
                                                                  always_call=True))
+                if ssm.is_mamba_mixer(module) and module_rule_for(module, trace.composite) is None:
+                    self.forwards.append((module, module.__dict__.get("forward")))
+                    module.forward = functools.partial(ssm.mixer_forward, module)
             self.mode = trace.mode()
             self.mode.__enter__()
         except BaseException:
@@ -519,6 +524,12 @@ class _Capture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for module, own in self.forwards:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self.forwards.clear()
 
     def __exit__(self, *exc: Any) -> None:
         try:
