@@ -29,13 +29,8 @@ Bound = Union[float, Tensor]
 
 
 def stabilize(t: Tensor, eps: float) -> Tensor:
-    """``t + eps * sign(t)`` with ``sign(0) = +1``: a denominator that is never zero."""
-    return _signed(t >= 0, eps, t).add_(t)
-
-
-def _signed(positive: Tensor, value: float, like: Tensor) -> Tensor:
-    """``value`` where ``positive``, else ``-value``, in the dtype and on the device of ``like``."""
-    return torch.where(positive, like.new_tensor(value), like.new_tensor(-value))
+    """``t + eps * sign(t)`` with ``sign(+0) = +1`` (and ``sign(-0) = -1``): a denominator that is never zero."""
+    return t.abs().add_(eps).copysign_(t)  # elementwise arithmetic: several times faster than torch.where on CPUs
 
 
 def _divide(relevance: Tensor, den: Tensor) -> Tensor:
@@ -50,10 +45,11 @@ class LayerContext:
     >= 0 (e.g. a ReLU output: no need to look)."""
 
     def __init__(self, op: LinearOp, a: Optional[Tensor], z: Tensor, weight: Tensor, bias: Optional[Tensor],
-                 cache: Callable[[Any, Callable[[], Any]], Any], nonnegative: bool = False):
+                 cache: Callable[[Any, Callable[[], Any]], Any], nonnegative: bool = False, rectified: bool = False):
         """Bring the layer to the working dtype (float32 for half-precision layers; see the module docstring);
-        the cast weights are cached like the other weight-derived tensors."""
-        self.op, self.nonnegative = op, nonnegative
+        the cast weights are cached like the other weight-derived tensors. ``rectified``: ``z`` is the ReLU of
+        the output, so the relevance ``R = z g`` is 0 wherever the output is <= 0."""
+        self.op, self.nonnegative, self.rectified = op, nonnegative, rectified
         dtype = working_dtype(a, z, weight, bias)
         self.cache: Callable[[Any, Callable[[], Any]], Any] = lambda key, make: cache((key, dtype), make)
         self._a = None if a is None else to_working(a, dtype)
@@ -147,7 +143,8 @@ class Epsilon(LayerRule):
     def backward(self, ctx: LayerContext, g: Tensor, R: Tensor) -> Tensor:
         if self.epsilon == 0.0:
             return ctx.vjp(g, ctx.weight)
-        return ctx.vjp(_divide(R, stabilize(ctx.z, self.epsilon)), ctx.weight)
+        den = ctx.z + self.epsilon if ctx.rectified else stabilize(ctx.z, self.epsilon)  # rectified: z >= 0
+        return ctx.vjp(_divide(R, den), ctx.weight)
 
 
 class LRP0(Epsilon):
@@ -229,18 +226,20 @@ class Gamma(LayerRule):
         a, z, P, W = ctx.a, ctx.z, ctx.pos(), ctx.weight
         gamma, eps = self.gamma, self.stabilizer
         b_pos = ctx.cache("b+", lambda: None if ctx.bias is None else ctx.bias.clamp(min=0))
-        positive = z > 0
         if not ctx.has_negative_input():
             # with a >= 0: z^pos = z + gamma (W+ a + b+) > 0 where z > 0, z^neg = z + gamma (z - W+ a - b+) < 0
             # where z < 0; w holds R / s(z^pos) where z > 0 and R / s(z^neg) elsewhere (R = 0 where z = 0)
             pab = ctx.fwd(a, P, b_pos)
-            den = torch.where(positive, pab, torch.sub(z, pab)).mul_(gamma).add_(z)
-            den.add_(_signed(positive, eps, den))
-            w = _divide(R, den)
+            if ctx.rectified:  # R = 0 where z <= 0: only z^pos, and W^T u + gamma W+^T u = (W + gamma W+)^T u
+                den = pab.mul_(gamma).add_(z).add_(eps)
+                return ctx.vjp(_divide(R, den), ctx.cache(("W+gamma W+", gamma), lambda: W + gamma * P))
+            sign = torch.sign(z)  # arithmetic instead of masks: bool tensors cost a conversion each on CPUs
+            den = torch.addcmul(pab.mul_(sign), z, 1.0 - sign, value=0.5)  # W+ a + b+, or z - (W+ a + b+)
+            w = _divide(R, stabilize(den.mul_(gamma).add_(z), eps))  # den has the sign of z (R = 0 at z = 0)
             # u = w [z > 0], v = w [z < 0];  W^T (u + (1 + gamma) v) + gamma W+^T (u - v)
-            sign = _signed(positive, 1.0, w)
             out = ctx.vjp(w * sign, P).mul_(gamma)
             return out.add_(ctx.vjp(w.mul_(sign.mul_(-gamma / 2).add_(1 + gamma / 2)), W))
+        positive = z > 0
         ap, an = a.clamp(min=0), a.clamp(max=0)
         wa_p = ctx.fwd(ap, W)
         wa_n = z - ctx.bias_out(ctx.bias) - wa_p

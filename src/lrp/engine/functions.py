@@ -19,8 +19,7 @@ Tensor = torch.Tensor
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den != 0``, else 0 (relevance at an exact zero cannot be carried as ``a * g``)."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+    return (num / den).masked_fill_(den == 0, 0.0)
 
 
 class LayerFunction(torch.autograd.Function):

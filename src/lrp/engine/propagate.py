@@ -227,7 +227,8 @@ class Propagation:
         z = layer.effective_output(z)
         rule = layer.rule
         assert rule is not None, "the rules are chosen before the backward"
-        ctx = LayerContext(layer.op, a, z, weight, bias, cached, layer.nonnegative_input)
+        rectified = layer.rectified and (layer.bn is None or layer.held_stage != "z")
+        ctx = LayerContext(layer.op, a, z, weight, bias, cached, layer.nonnegative_input, rectified)
         needs_relevance = self.record_layers or not (isinstance(rule, Epsilon) and rule.epsilon == 0.0)
         relevance_out = z * g if needs_relevance else None
         n = self.trace.x.shape[0]
