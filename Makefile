@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is large: install it once into the venv; this pair is the one the project is tested with
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup browser lint test demo bench coverage clean
+.PHONY: setup lxt-overlay browser lint test demo bench coverage clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,22 @@ $(VENV)/.torch: | $(PY)
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -e '.[test]'
-	# LXT (reference for the transformer tests) declares heavy extras it does not need for them
-	$(PY) -m pip install -q --no-deps lxt==2.1 || echo "LXT not installed: its comparison test will be skipped"
 	touch $@
 
 setup: $(VENV)/.installed
+
+# tests/lxt_agreement compares lrp with LXT 2.1, which patches transformers 4.51.3 while the venv has transformers
+# 5: LXT and its transformers get a small overlay of their own (no torch: the venv's serves), which only LXT's
+# reference run puts on its PYTHONPATH. Pinned in tests/lxt_agreement/requirements.txt; when it cannot be
+# installed, those tests skip.
+LXT_OVERLAY := $(VENV)/lxt-overlay
+
+$(LXT_OVERLAY)/.installed: tests/lxt_agreement/requirements.txt | $(VENV)/.installed
+	rm -rf $(LXT_OVERLAY)
+	$(PY) -m pip install -q --no-deps --target $(LXT_OVERLAY) -r tests/lxt_agreement/requirements.txt && touch $@ \
+		|| { rm -rf $(LXT_OVERLAY); echo "LXT overlay not installed: tests/lxt_agreement (agreement with LXT) will be skipped"; }
+
+lxt-overlay: $(LXT_OVERLAY)/.installed
 
 # the browser tests (tests/test_serve_browser.py) drive Debian's Chromium; install it when missing (root only)
 browser:
@@ -39,8 +50,8 @@ lint: setup
 	$(PY) -m ruff check src/lrp
 	$(PY) -m mypy
 
-test: setup browser lint
-	$(PY) -m pytest
+test: setup lxt-overlay browser lint
+	LRP_LXT_OVERLAY=$(abspath $(LXT_OVERLAY)) $(PY) -m pytest
 
 demo: setup
 	$(VENV)/bin/lrp demo

@@ -49,6 +49,10 @@ def _device(spec: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .pipeline.text import is_hf_spec
+    if any(is_hf_spec(group.get("model")) for group in args.served or []):
+        raise CommandError("lrp serve serves image models; explain a text model (hf:DIR) with lrp explain "
+                           "--model hf:DIR --text \"...\"")
     from .web import missing_dependencies
     missing = missing_dependencies()
     if missing:
@@ -114,13 +118,94 @@ def _composites(args: argparse.Namespace, pipeline, name: str, prepared: list) -
     return chosen
 
 
+# options of lrp explain that apply to images and arrays only: (flag, the value that means "not given")
+IMAGE_OPTIONS = (("--weights", None), ("--size", None), ("--crop", None), ("--mean", None), ("--std", None),
+                 ("--grayscale", False), ("--invert", False), ("--low", None), ("--high", None), ("--maxpool", "max"))
+
+
+def _explain_text(args: argparse.Namespace) -> int:
+    """``lrp explain --model hf:DIR --text ...``: an HTML token heatmap and a CSV per text."""
+    from tqdm import tqdm
+
+    from .errors import InputError, RuleError, UnsupportedOperationError, one_line
+    from .pipeline.text import (TextPipeline, failed_row, is_hf_spec, read_texts, summary_row, text_composite,
+                                write, write_summary)
+
+    if not is_hf_spec(args.model):
+        raise CommandError(f"--text and --text-file need a text model: --model hf:DIR (a local Hugging Face "
+                           f"checkpoint folder with its tokenizer), not {args.model!r}")
+    if args.inputs:
+        raise CommandError(f"a text model reads text: give it with --text \"...\" or --text-file FILE (one text "
+                           f"per line), not as input files ({args.inputs[0]})")
+    for flag, unset in IMAGE_OPTIONS:
+        if getattr(args, flag[2:].replace("-", "_")) != unset:
+            raise CommandError(f"{flag} applies to images and arrays, not to text (--model hf:DIR)")
+    if not args.text and not args.text_file:
+        raise CommandError(f"give the text to explain: lrp explain --model {args.model} --text \"...\" (several "
+                           f"--text, or --text-file FILE with one text per line)")
+    from .visualize import COLORMAPS
+    if args.cmap not in COLORMAPS:
+        raise CommandError(f"unknown colour map {args.cmap!r}; choose one of {', '.join(COLORMAPS)}")
+    texts = read_texts(args.text, args.text_file)  # InputError: exit 2, nothing written
+    comp = text_composite(args.composite)
+    pipeline = TextPipeline.load(args.model, device=args.device, classes=args.classes)
+    target = pipeline.target(args.target)
+    out = Path(args.out)
+    rows: list = []
+    used: set = set()
+    explained = 0
+    many = len(texts) > 3
+    with tqdm(total=len(texts), desc="explaining", unit="text", disable=None if many else True,
+              file=sys.stderr) as bar:
+        for source, text, stem in texts:
+            try:
+                encoded = pipeline.encode(text)
+                # a text of LONG_INPUT tokens or more gets a bar of its own, layer by layer
+                outcome = pipeline.explain(encoded, target, comp, source=source, position=1 if many else 0)
+            except (UnsupportedOperationError, RuleError) as exc:  # the model, not this text: the same for all
+                raise CommandError(one_line(exc)) from None
+            except Exception as exc:  # a text the model cannot read (empty, too long): report it, go on
+                message = one_line(exc)
+                print(f"error: {message if isinstance(exc, InputError) else source + ': ' + message}",
+                      file=sys.stderr)
+                rows.append(failed_row(source, text, message))
+                bar.update(1)
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            name = stem
+            k = 1
+            while name in used:
+                k += 1
+                name = f"{stem}_{k}"
+            used.add(name)
+            write(outcome, out, name, merge=args.merge_words, cmap=args.cmap)
+            rows.append(summary_row(outcome, name))
+            explained += 1
+            bar.update(1)
+    out.mkdir(parents=True, exist_ok=True)
+    write_summary(out / "summary.csv", rows)
+    failures = len(rows) - explained
+    print(f"explained {explained} of {len(rows)} texts into {out}/ (<name>.html, <name>.csv); summary.csv lists "
+          f"each text" + (f"; {failures} failed (see errors above)" if failures else ""))
+    return 1 if failures else 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .errors import ModelError, TargetError, one_line
     from .pipeline import expand_inputs
     from .pipeline.outputs import failed_row, summary_row, write, write_summary
+    from .pipeline.text import is_hf_spec
 
+    if is_hf_spec(args.model) or args.text or args.text_file:
+        return _explain_text(args)
+    if args.merge_words:
+        raise CommandError("--merge-words applies to text (--model hf:DIR --text ...)")
+    if not args.inputs:
+        raise CommandError("give the inputs to explain: image files, folders or .npy/.npz arrays (or, for a text "
+                           "model, --model hf:DIR --text \"...\")")
+    args.composite = args.composite or "epsilon-plus-flat"
     pipeline = _pipeline(args)
     try:
         target = pipeline.target(args.target)
@@ -225,7 +310,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import report
     from .evaluate.features import Regions
     from .pipeline import composite_names
+    from .pipeline.text import is_hf_spec
 
+    if is_hf_spec(args.model):
+        raise CommandError("lrp evaluate works on images and arrays; explain a text model (hf:DIR) with lrp explain "
+                           "--model hf:DIR --text \"...\"")
     pipeline = _pipeline(args)
     x, masks, source, kind = _evaluation_inputs(args, pipeline)
     data_range = (float(x.min()), float(x.max()))
@@ -286,6 +375,7 @@ def _preprocessing_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import baselines
     from .pipeline import MODEL_SPECS, composite_names
+    from .pipeline.text import HF_SPEC
 
     parser = argparse.ArgumentParser(prog="lrp", description="Layer-wise Relevance Propagation for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,24 +407,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the models run: cpu (default), cuda or cuda:N")
     sv.set_defaults(func=_serve, served=None)
 
-    ex = sub.add_parser("explain", help="explain images or arrays with a model; writes heatmaps and a CSV",
+    ex = sub.add_parser("explain", help="explain images, arrays or texts with a model; writes heatmaps and a CSV",
                         description="Explain each input; write into --out <name>_relevance.npy and its pictures: "
                                     "<name>_heatmap.png and <name>_overlay.png for images, <name>_bands.png (one "
                                     "tile per band) for cubes and many-channel inputs, <name>_features.png (a bar "
                                     "per feature) for vectors; and summary.csv with a row per input (prediction, "
-                                    "explained class and score, relevance sum, status: ok or why it failed).",
+                                    "explained class and score, relevance sum, status: ok or why it failed). "
+                                    "Texts (--model hf:DIR --text ...) get <name>.html (a token heatmap) and "
+                                    "<name>.csv (a row per token: position, id, piece, text, word, relevance).",
                         epilog=_preprocessing_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ex.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), .npy/.npz arrays")
-    ex.add_argument("--model", default="mnist", help=MODEL_SPECS)
+    ex.add_argument("inputs", nargs="*", help="image files, folders (searched recursively), .npy/.npz arrays")
+    ex.add_argument("--model", default="mnist", help=f"{MODEL_SPECS}, or {HF_SPEC}")
+    ex.add_argument("--text", action="append", metavar="TEXT",
+                    help="a text to explain with --model hf:DIR; repeat for several")
+    ex.add_argument("--text-file", action="append", metavar="FILE",
+                    help="texts to explain, one per line (blank lines skipped; - reads standard input)")
+    ex.add_argument("--merge-words", action="store_true",
+                    help="text: show words in the HTML, with the relevance of their subword pieces summed "
+                         "(the CSV keeps one row per token, with its word)")
     ex.add_argument("--weights", help="a state dict for the model (a fine-tuned head of another size is fine)")
-    ex.add_argument("--composite", default="epsilon-plus-flat", choices=composite_names(), metavar="NAME",
-                    help=f"{', '.join(composite_names())} (default: %(default)s)")
+    ex.add_argument("--composite", choices=composite_names(), metavar="NAME",
+                    help=f"{', '.join(composite_names())} (default: epsilon-plus-flat; for text: epsilon)")
     ex.add_argument("--low", type=float, help="lowest input value for z^B (default: images: pixel 0 after the "
                                               "preprocessing; arrays: their minimum; the value used is printed)")
     ex.add_argument("--high", type=float, help="highest input value for z^B (default: images: pixel 1 after the "
                                                "preprocessing; arrays: their maximum)")
     ex.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
-    ex.add_argument("--target", help="class to explain: 'pred' (default), an index, or a name from --classes")
+    ex.add_argument("--target", help="class to explain: 'pred' (default), an index, or a name from --classes "
+                                     "(a text classifier's own label names too); for a language model the next "
+                                     "token: a token such as ' Paris' or a token id")
     ex.add_argument("--classes", help="text file with one class name per line")
     ex.add_argument("--size", type=int, help="resize images so the shorter side has this many pixels (0: no "
                                              "resizing; default: see below)")

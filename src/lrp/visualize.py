@@ -5,7 +5,10 @@ Colour maps are symmetric around zero: with ``bwr`` positive relevance is red, n
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import html as _html
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -139,20 +142,200 @@ def overlay(image: Union[Image.Image, ArrayLike], relevance: ArrayLike, cmap: st
     return Image.fromarray(np.round(np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8))
 
 
-def token_html(tokens: list[str], relevance: ArrayLike, cmap: str = "bwr", *, vmax: Optional[float] = None) -> str:
-    """Tokens as HTML spans coloured by their relevance (red for, blue against), with the value on hover."""
-    import html as _html
+# --------------------------------------------------------------------------- tokens
 
+# how tokenizers mark pieces: byte-level BPE (GPT-2, RoBERTa, Llama 3, Qwen: "Ġ" a space, "Ċ" a newline, bytes as
+# characters), SentencePiece (Llama 2, T5, XLM-R: "▁" a space, "<0x0A>" a byte), WordPiece (BERT: "##" a piece
+# that continues the word before it), or plain (whole words, shown with spaces between them)
+TOKEN_STYLES = ("auto", "plain", "byte", "sentencepiece", "wordpiece")
+_SPACE_SYMBOLS = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d", "\u3000": "\u2423"}
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-to-character table, reversed: the character byte-level BPE writes for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_table()
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_style(tokens: Sequence[str], special: Optional[Sequence[bool]] = None) -> str:
+    """How ``tokens`` mark their pieces (see ``TOKEN_STYLES``), judged from the pieces themselves: "▁" ->
+    ``"sentencepiece"``, "Ġ" or "Ċ" -> ``"byte"``, a piece starting with "##" -> ``"wordpiece"``, else ``"plain"``."""
+    pieces = [t for k, t in enumerate(tokens) if not (special is not None and special[k])]
+    if any("\u2581" in t for t in pieces):
+        return "sentencepiece"
+    if any("\u0120" in t or "\u010a" in t for t in pieces):
+        return "byte"
+    if any(t.startswith("##") and len(t) > 2 for t in pieces):
+        return "wordpiece"
+    return "plain"
+
+
+def _piece_bytes(token: str, style: str) -> bytes:
+    """The text a piece stands for, as UTF-8 bytes (a byte-level piece may hold part of a character)."""
+    if style == "byte":
+        return b"".join(bytes([_BYTE_LEVEL[c]]) if c in _BYTE_LEVEL else c.encode("utf-8") for c in token)
+    if style == "sentencepiece":
+        match = _SP_BYTE.fullmatch(token)
+        return bytes([int(match.group(1), 16)]) if match else token.replace("\u2581", " ").encode("utf-8")
+    if style == "wordpiece" and token.startswith("##") and len(token) > 2:
+        return token[2:].encode("utf-8")
+    return token.encode("utf-8")
+
+
+def _special_mask(tokens: Sequence[str], special: Union[Sequence[bool], Iterable[str], None]) -> list[bool]:
+    if special is None:
+        return [False] * len(tokens)
+    if isinstance(special, (str, bytes)):
+        raise TypeError("special must be one flag per token or a collection of special token strings, not one string")
+    given = list(special)
+    if given and all(isinstance(s, (bool, np.bool_)) for s in given):
+        if len(given) != len(tokens):
+            raise ValueError(f"{len(given)} special flags for {len(tokens)} tokens; give one flag per token")
+        return [bool(s) for s in given]
+    names = {str(s) for s in given}
+    return [t in names for t in tokens]
+
+
+def token_words(tokens: Sequence[str], style: str = "auto",
+                special: Union[Sequence[bool], Iterable[str], None] = None) -> list[Optional[int]]:
+    """The word each token belongs to (0, 1, ...; ``None`` for special tokens and pieces that are only
+    whitespace), read from the pieces' marks: a byte-level or SentencePiece piece that starts with a space starts
+    a word, a WordPiece piece without "##" starts one, and plain tokens are a word each. Words are what lies
+    between spaces, so punctuation joins the word it is written against."""
+    mask = _special_mask(tokens, special)
+    style = token_style(tokens, mask) if style == "auto" else _check_style(style)
+    words: list[Optional[int]] = []
+    word = -1
+    joinable = False  # whether the token before can take a continuation piece
+    for token, is_special in zip(tokens, mask):
+        if is_special:
+            words.append(None)
+            joinable = False
+            continue
+        text = _piece_bytes(token, style).decode("utf-8", errors="replace")
+        if text and not text.strip():
+            words.append(None)
+            joinable = False
+            continue
+        if style in ("byte", "sentencepiece"):
+            starts = not joinable or text[:1].isspace()
+        elif style == "wordpiece":
+            starts = not joinable or not (token.startswith("##") and len(token) > 2)
+        else:
+            starts = True
+        if starts:
+            word += 1
+        words.append(word)
+        joinable = not text[-1:].isspace() if text else joinable
+    return words
+
+
+def _check_style(style: str) -> str:
+    if style not in TOKEN_STYLES:
+        raise ValueError(f"unknown token style {style!r}; choose one of {', '.join(TOKEN_STYLES)}")
+    return style
+
+
+@dataclass
+class _Unit:
+    """What one span shows: a token, or the pieces of a word merged."""
+
+    pieces: list[str]
+    text: str
+    value: float
+    special: bool
+    word: Optional[int]
+
+
+def _token_units(tokens: Sequence[str], relevance: ArrayLike, *, merge: bool, style: str,
+                 special: Union[Sequence[bool], Iterable[str], None],
+                 words: Optional[Sequence[Optional[int]]]) -> tuple[list[_Unit], str]:
     r = _to_numpy(relevance).reshape(-1)
+    tokens = [str(t) for t in tokens]
     if len(tokens) != len(r):
         raise ValueError(f"{len(tokens)} tokens but {len(r)} relevance values; give one value per token")
-    colours = colorize(_scale(r, vmax, 100.0), cmap)
-    spans = [
-        f'<span title="{value:+.4g}" style="background-color: rgb({c[0]}, {c[1]}, {c[2]}); padding: 0 2px; '
-        f'border-radius: 3px">{_html.escape(token)}</span>'
-        for token, value, c in zip(tokens, r.tolist(), colours.tolist())
-    ]
-    return '<div style="line-height: 1.8; font-family: sans-serif">' + " ".join(spans) + "</div>"
+    mask = _special_mask(tokens, special)
+    style = token_style(tokens, mask) if style == "auto" else _check_style(style)
+    if words is None:
+        words = token_words(tokens, style, mask) if style != "plain" else list(range(len(tokens)))
+    elif len(words) != len(tokens):
+        raise ValueError(f"{len(words)} word indices for {len(tokens)} tokens; give one per token (None: no word)")
+    units: list[_Unit] = []
+    raw: list[bytes] = []  # the bytes of each unit, decoded once the unit is complete
+    for k, token in enumerate(tokens):
+        word = None if mask[k] else words[k]
+        data = token.encode("utf-8") if mask[k] else _piece_bytes(token, style)
+        last = units[-1] if units else None
+        if merge and last is not None and word is not None and last.word == word and not last.special:
+            last.pieces.append(token)
+            last.value += float(r[k])
+            raw[-1] += data
+            continue
+        units.append(_Unit([token], "", float(r[k]), mask[k], word))
+        raw.append(data)
+    for unit, data in zip(units, raw):
+        unit.text = data.decode("utf-8", errors="replace")
+    return units, style
+
+
+def _shown(text: str) -> str:
+    """Whitespace made visible (a token that is only a space or a newline still needs something to colour)."""
+    return "".join(_SPACE_SYMBOLS.get(c, c) if c.isspace() else c for c in text) or "\u2205"
+
+
+def token_html(tokens: Sequence[str], relevance: ArrayLike, cmap: str = "bwr", *, vmax: Optional[float] = None,
+               merge: bool = False, style: str = "auto", special: Union[Sequence[bool], Iterable[str], None] = None,
+               words: Optional[Sequence[Optional[int]]] = None) -> str:
+    """Tokens as HTML spans coloured by their relevance (red for, blue against), with the value on hover.
+
+    Subword pieces are shown as the text they stand for: byte-level BPE's "Ġ" and SentencePiece's "▁" become
+    spaces, "Ċ" and "<0x0A>" newlines, WordPiece's "##" joins the piece to the word before it (``style``:
+    ``"auto"``, judged from the pieces, or one of ``"plain"``, ``"byte"``, ``"sentencepiece"``, ``"wordpiece"``;
+    plain tokens are shown as words with spaces between them). A token that is only whitespace shows as
+    "␣"/"↵". ``merge=True`` shows one span per word, with the relevance of its pieces summed (hover: the
+    pieces). ``words`` gives each token's word index (``None``: part of no word), e.g. from a tokenizer's
+    offsets; by default words are read from the pieces' marks (:func:`token_words`). ``special`` marks special
+    tokens (``<s>``, ``[CLS]``; one flag per token, or the special token strings, e.g.
+    ``tokenizer.all_special_tokens``): shown as they are, framed, never merged. Colours are scaled to ``vmax``
+    (default: the largest magnitude among the spans shown). Token text is HTML-escaped."""
+    units, style = _token_units(tokens, relevance, merge=merge, style=style, special=special, words=words)
+    values = np.array([u.value for u in units], dtype=np.float64)
+    colours = colorize(_scale(values, vmax, 100.0), cmap).tolist() if len(units) else []
+    spaced = style in ("plain", "wordpiece")  # pieces carry no spaces: put one between words
+    parts: list[str] = []
+    for k, (unit, c) in enumerate(zip(units, colours)):
+        text = unit.pieces[0] if unit.special else unit.text
+        lead = ""
+        if not unit.special and text.strip():
+            body = text.lstrip()
+            lead, text = text[:len(text) - len(body)], body
+        if spaced and k > 0 and not lead and (unit.word is None or unit.word != units[k - 1].word):
+            lead = " "
+        if k == 0:
+            lead = lead.lstrip(" ")
+        after = "\n" * text.count("\n") if not unit.special and not text.strip() else ""
+        shown = text if unit.special else _shown(text) if not text.strip() else text
+        dark = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] < 110
+        title = f"{' '.join(p if p.strip() else _shown(p) for p in unit.pieces)}: {unit.value:+.4g}"
+        style_attr = (f"background-color: rgb({c[0]}, {c[1]}, {c[2]}); padding: 0 2px; border-radius: 3px"
+                      + ("; color: white" if dark else "")
+                      + ("; outline: 1px dashed #999; margin: 0 2px; font-size: 0.85em" if unit.special else ""))
+        parts.append(f'{_html.escape(lead)}<span class="{"lrp-special" if unit.special else "lrp-token"}" '
+                     f'data-relevance="{unit.value:.9g}" title="{_html.escape(title)}" style="{style_attr}">'
+                     f'{_html.escape(shown)}</span>{after}')
+    return ('<div class="lrp-tokens" style="line-height: 1.8; font-family: sans-serif; white-space: pre-wrap">'
+            + "".join(parts) + "</div>")
 
 
 def is_multiband(shape: Union[Sequence[int], ArrayLike], *, max_channels: int = 3) -> bool:
