@@ -110,6 +110,11 @@ class LayerRule:
         between calls, after checking the weights they came from."""
         return True
 
+    def reads_relevance(self) -> bool:
+        """Whether :meth:`backward` reads ``R`` (if not, it is not computed unless the layers' relevance is
+        recorded)."""
+        return True
+
     def sees_rectified_output(self) -> bool:
         """Whether the rule may be given ``relu(z)`` for ``z`` when a ReLU is the layer's only consumer: true when
         every term of its result carries a factor ``R`` or ``g`` (both 0 where ``z <= 0`` then) and no
@@ -127,7 +132,7 @@ class LayerRule:
 
 
 class Epsilon(LayerRule):
-    """LRP-epsilon: ``R_i = a_i sum_j w_ij R_j / s(z_j)``, i.e. ``g_a = W^T (g z / s(z))``."""
+    """LRP-epsilon: ``R_i = a_i sum_j w_ij R_j / s(z_j)``, i.e. ``g_a = W^T (g |z| / (|z| + eps))``."""
 
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = float(epsilon)
@@ -140,11 +145,17 @@ class Epsilon(LayerRule):
     def builds_from_weights(self) -> bool:
         return type(self).backward is not Epsilon.backward  # W^T u with the weights as they are
 
+    def reads_relevance(self) -> bool:
+        return type(self).backward is not Epsilon.backward
+
     def backward(self, ctx: LayerContext, g: Tensor, R: Tensor) -> Tensor:
+        # R / s(z) = g z / (z + eps sign(z)) = g |z| / (|z| + eps): fewer passes over the output, and no R
         if self.epsilon == 0.0:
             return ctx.vjp(g, ctx.weight)
-        den = ctx.z + self.epsilon if ctx.rectified else stabilize(ctx.z, self.epsilon)  # rectified: z >= 0
-        return ctx.vjp(_divide(R, den), ctx.weight)
+        size = ctx.z if ctx.rectified else ctx.z.abs()  # rectified: z >= 0
+        den = size + self.epsilon
+        ratio = torch.div(size, den, out=den)
+        return ctx.vjp(ratio.mul_(g), ctx.weight)
 
 
 class LRP0(Epsilon):

@@ -195,10 +195,10 @@ class Trace:
         registry entry; what it does to the bookkeeping is done here, once, for every op: it counts as a use of
         its operands (BatchNorm merging needs to know that a layer output feeds nothing else), its output may
         be known to be >= 0, and a ReLU's output may stand in for the layer output it rectifies."""
-        operands = list(tensors((args, kwargs)))
+        operands = tensors((args, kwargs))
         if self.replaced and any(id(t) in self.replaced for t in operands):
             args, kwargs = self.fresh(args), self.fresh(kwargs)
-            operands = list(tensors((args, kwargs)))
+            operands = tensors((args, kwargs))
         if self.opaque:  # inside a module with an opaque rule: no gradient (the rule's input is counted there)
             with torch.no_grad():
                 return func(*args, **kwargs)

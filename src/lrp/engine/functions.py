@@ -6,7 +6,7 @@ differs from the plain gradient. Every backward follows the precision policy of 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -71,11 +71,13 @@ class BatchNormFunction(torch.autograd.Function):
 
 class IdentityRuleFunction(torch.autograd.Function):
     """Elementwise non-linearity ``y = f(x)`` with the identity rule ``R_x = R_y``: ``g_x = g_y y / x``. Only
-    ``x`` is saved (as for the gradient); ``y`` is recomputed in the working dtype in the backward."""
+    ``x`` is saved (as for the gradient); ``y / x`` is recomputed in the working dtype in the backward, by
+    ``ratio(x)`` where the op has one written out (SiLU: ``sigmoid(x)``), else as ``f(x) / x`` (0 at 0)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
-        ctx.compute = compute
+    def forward(ctx: Any, x: Tensor, compute: Callable[[Tensor], Tensor],
+                ratio: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        ctx.compute, ctx.ratio = compute, ratio
         ctx.save_for_backward(x)
         return compute(x)
 
@@ -85,9 +87,11 @@ class IdentityRuleFunction(torch.autograd.Function):
         dtype = working_dtype(x, g)
         with torch.no_grad(), no_autocast(x.device.type):
             x_ = to_working(x, dtype)
-            y = to_working(ctx.compute(x_), dtype)
-            g_x = _safe_ratio(to_working(g, dtype) * y, x_)
-        return restore(g_x, x.dtype), None
+            if ctx.ratio is not None:
+                g_x = ctx.ratio(x_).mul_(to_working(g, dtype))
+            else:
+                g_x = _safe_ratio(to_working(g, dtype) * to_working(ctx.compute(x_), dtype), x_)
+        return restore(g_x, x.dtype), None, None
 
 
 class MaxAsAveragePoolFunction(torch.autograd.Function):
@@ -174,8 +178,8 @@ class SoftmaxFunction(torch.autograd.Function):
         dtype = working_dtype(x, y, g)
         with no_autocast(y.device.type):
             g, y_ = to_working(g, dtype), to_working(y, dtype)
-            if record.attention or x is None:
-                g_x = y_ * (g - (g * y_).sum(ctx.dim, keepdim=True))
+            if record.attention or x is None:  # y (g - sum(g y)): the softmax's gradient, computed fused
+                g_x = torch.ops.aten._softmax_backward_data(g, y_, ctx.dim, y_.dtype)
             else:
                 g_x = _safe_ratio(g * y_, to_working(x, dtype))
         return restore(g_x, ctx.dtype), None, None, None

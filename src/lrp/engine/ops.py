@@ -194,12 +194,28 @@ def _identity_rule(trace: "Trace", name: str, func: Callable, args: tuple, kwarg
             raise unsupported(trace, name)  # e.g. clamp with bounds computed from the input
         return out
     rest = args[1:]
-    out = IdentityRuleFunction.apply(args[0], lambda t: func(t, *rest, **kwargs))
+    out = IdentityRuleFunction.apply(args[0], lambda t: func(t, *rest, **kwargs), _ratio(name, rest, kwargs))
     if name in optable.GATES:
         trace.note(out).gate = True
     if name in optable.HEADS:
         trace.mark_head(name, args[0], args[1] if len(args) > 1 else kwargs.get("dim"), out)
     return out
+
+
+_SQRT_HALF = 0.7071067811865476
+_TANH_GELU = 0.7978845608028654  # sqrt(2 / pi)
+
+
+def _ratio(name: str, rest: tuple, kwargs: dict) -> Optional[Callable[[Tensor], Tensor]]:
+    """``f(x) / x`` written out for the identity rule's backward, for the activations of language models."""
+    if name == "silu" and not rest:
+        return torch.sigmoid
+    if name == "gelu" and not rest:
+        if kwargs.get("approximate", "none") == "tanh":
+            return lambda t: torch.tanh(t.pow(3).mul_(0.044715).add_(t).mul_(_TANH_GELU)).add_(1.0).mul_(0.5)
+        if kwargs.get("approximate", "none") == "none":
+            return lambda t: torch.erf(t * _SQRT_HALF).add_(1.0).mul_(0.5)
+    return None
 
 
 @register(optable.PRODUCT)

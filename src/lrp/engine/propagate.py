@@ -229,11 +229,13 @@ class Propagation:
         assert rule is not None, "the rules are chosen before the backward"
         rectified = layer.rectified and (layer.bn is None or layer.held_stage != "z")
         ctx = LayerContext(layer.op, a, z, weight, bias, cached, layer.nonnegative_input, rectified)
-        needs_relevance = self.record_layers or not (isinstance(rule, Epsilon) and rule.epsilon == 0.0)
+        needs_relevance = self.record_layers or (rule.reads_relevance()
+                                                 and not (isinstance(rule, Epsilon) and rule.epsilon == 0.0))
         relevance_out = z * g if needs_relevance else None
         n = self.trace.x.shape[0]
         if layer.batch_first and z.shape[0] == n:
             layer.total = (relevance_out.reshape(n, -1).sum(1) if relevance_out is not None
+                           else torch.dot(z.flatten(), g.flatten()).reshape(1) if n == 1
                            else torch.einsum("ni,ni->n", z.reshape(n, -1), g.reshape(n, -1)))
         else:  # the batch is not the first dimension here (e.g. inside attention): one total for the batch
             layer.total = relevance_out.sum() if relevance_out is not None else torch.vdot(z.flatten(), g.flatten())

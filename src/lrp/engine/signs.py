@@ -64,7 +64,7 @@ def output_nonnegative(name: str, args: tuple, kwargs: dict, known: Known) -> bo
         data = args[0] if args else kwargs.get("input", kwargs.get("self"))
         operands = [data] if isinstance(data, Tensor) else []
     else:
-        operands = list(tensors((args, kwargs)))
+        operands = tensors((args, kwargs))
     if not operands or not all(known(t) for t in operands if t.requires_grad):
         return False
     return all(known_nonnegative(t, known) for t in operands if not t.requires_grad)
