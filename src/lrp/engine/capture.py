@@ -19,7 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..composites import Composite, module_rule_for
-from ..errors import RuleError
+from ..errors import RuleError, UnsupportedOperationError
 from . import ops, optable, signs, ssm
 from .functions import ModuleRuleFunction
 from .records import BatchNormRecord, LayerRecord, TensorFacts
@@ -58,6 +58,9 @@ class Trace:
         self.batchnorms: list[BatchNormRecord] = []
         self.known: dict[int, TensorFacts] = {}
         self.replaced: set[int] = set()  # ids of tensors an in-place op (run out of place) has superseded
+        self.views: dict[int, list] = {}  # family -> weak references to the views of input-dependent tensors in it
+        self.families: dict[int, tuple] = {}  # ``_cdata`` -> (weak reference to the tensor, its family)
+        self.family_count = 0
         self.fixed = 0  # statistics and moments made so far (``fix``): while there are none, nothing to check
         comp = composite
         self.composite_sees_rectified = all(
@@ -108,10 +111,125 @@ class Trace:
         entry = self.facts(t)
         return entry is not None and entry.reduced
 
-    def supersede(self, old: Tensor, new: Tensor) -> None:
-        """An in-place op on ``old`` ran out of place and made ``new``: later uses of ``old`` get ``new``."""
-        self.note(old).superseded = new
+    def supersede(self, old: Tensor, new: Tensor) -> Tensor:
+        """An in-place op on ``old`` ran out of place and made ``new``: later uses of ``old`` get what this returns.
+        The op writes into the views of ``old`` and, for a view, into its base as well: those are superseded too
+        (``_write_back``, ``_move_views``)."""
+        if old._base is not None:
+            new = self._write_back(old, old._base, new)
+        elif self.views:
+            new = self._move_views(old, new)
+        self._succeed(old, new)
+        return new
+
+    def _succeed(self, old: Tensor, new: Tensor) -> None:
+        """Later uses of ``old`` get ``new``, which the facts hold for as long as ``old`` lives (so that a view
+        which only superseded a view nobody holds any more does not count as held: ``_held_views``)."""
+        entry = self.note(old)
+        entry.superseded = new
+
+        def forget(_: Any, entry: TensorFacts = entry) -> None:
+            entry.superseded = None
+        entry.ref = weakref.ref(old, forget)
         self.replaced.add(id(old))
+
+    def latest(self, t: Tensor) -> Tensor:
+        """``t``, or what superseded it last."""
+        entry = self.facts(t)
+        while entry is not None and entry.superseded is not None:
+            t = entry.superseded
+            entry = self.facts(t)
+        return t
+
+    # Views. An in-place op on a tensor writes into its views, and on a view into the tensor it shows (its base).
+    # Running the op out of place, lrp supersedes them all: every re-indexing that makes a view of an
+    # input-dependent tensor is noted (``note_views``) in the family of its base, which a base shares with the
+    # tensors that supersede it.
+    def note_views(self, out: Any) -> None:
+        for t in tensors(out):
+            base = t._base
+            if base is not None and base.requires_grad:
+                self.views.setdefault(self._family(base), []).append(weakref.ref(t))
+
+    def _family(self, t: Tensor, join: Optional[int] = None) -> int:
+        """The family of ``t``: ``join`` if given, else the one it has, else a new one."""
+        found = self.families.get(t._cdata)
+        if join is None:
+            if found is not None and found[0]() is t:
+                return found[1]
+            join = self.family_count
+            self.family_count += 1
+        self.families[t._cdata] = (weakref.ref(t), join)
+        return join
+
+    def _held_views(self, family: int, but: Optional[Tensor] = None) -> list[Tensor]:
+        """The views in ``family`` still held and not superseded, except ``but``."""
+        found = []
+        for ref in self.views.get(family, ()):
+            t = ref()
+            if t is not None and t is not but and self.latest(t) is t:
+                found.append(t)
+        return found
+
+    def _write_back(self, view: Tensor, base: Tensor, new: Tensor) -> Tensor:
+        """An in-place op on ``view`` made ``new``. It is written into a copy of (the latest version of) ``base``,
+        which supersedes it, and the view of the copy that holds it is returned: it stands for ``view`` from now
+        on, so a second in-place op on it reaches the base too. (The copy is a clone and an in-place copy into its
+        view: autograd routes the gradient, the LRP rule of a re-indexing.) Refused where another view would
+        keep the old values: a base that does not depend on the input (its views are not noted), one that a
+        clone does not copy element for element, and another view of the base, still held and not superseded,
+        that shares elements with ``view``."""
+        how = f"an in-place op in {self.where()} writes into a view of a tensor"
+        if not base.requires_grad:
+            raise UnsupportedOperationError(
+                f"{how} that does not depend on the input (a buffer or constant), and the values written do; lrp "
+                f"runs in-place ops out of place and cannot update the tensor's other views. Build the tensor out "
+                f"of place (torch.cat, torch.where, F.pad) instead of writing into a slice of it.")
+        family = self._family(base)
+        latest = self.latest(base)
+        copy = latest.clone()
+        if view.dtype != base.dtype or not _same_layout(copy, base):
+            raise UnsupportedOperationError(
+                f"{how} that lrp cannot copy element for element (a view with another dtype, or a tensor that is "
+                f"not dense in memory); lrp runs in-place ops out of place. Write the op out of place.")
+        for other in self._held_views(family, but=view):
+            if _shares_elements(view, other, base):
+                raise UnsupportedOperationError(
+                    f"{how} while another view of that tensor (shape {tuple(other.shape)}), which shares elements "
+                    f"with it, is still held; lrp runs in-place ops out of place and cannot update that view. Write "
+                    f"the op out of place, or take the other view after it.")
+        written = copy.as_strided(view.shape, view.stride(), view.storage_offset())
+        written.copy_(new)
+        self._family(copy, join=family)
+        self._succeed(latest, copy)
+        self.note_views(written)
+        return written
+
+    def _move_views(self, old: Tensor, new: Tensor) -> Tensor:
+        """An in-place op on ``old`` made ``new``: the views of ``old`` still held become the same views of
+        ``new`` (laid out as ``old`` first, if need be)."""
+        found = self.families.get(old._cdata)
+        if found is None or found[0]() is not old:
+            return new  # no view was ever taken of it
+        family = found[1]
+        held = self._held_views(family)
+        if not held:
+            return new
+        if any(v.dtype != old.dtype for v in held) or old.storage_offset() != 0:
+            raise UnsupportedOperationError(
+                f"an in-place op in {self.where()} writes into a tensor whose views (of another dtype, or of a "
+                f"tensor not dense in memory) lrp cannot update; lrp runs in-place ops out of place. Write the op "
+                f"out of place.")
+        if new._base is not None or not _same_layout(new, old):
+            laid = torch.empty_strided(old.shape, old.stride(), dtype=old.dtype, device=old.device)
+            laid.copy_(new)
+            new = laid
+        self._family(new, join=family)
+        for v in held:
+            moved = new.as_strided(v.shape, v.stride(), v.storage_offset())
+            self._succeed(v, moved)
+            self.note_views(moved)
+        return new
 
     # ------------------------------------------------------------------ capture
     def capture(self) -> "_Capture":
@@ -182,13 +300,7 @@ class Trace:
         if not self.replaced:
             return obj
 
-        def latest(t: Tensor) -> Tensor:
-            entry = self.facts(t)
-            while entry is not None and entry.superseded is not None:
-                t = entry.superseded
-                entry = self.facts(t)
-            return t
-        return map_tensors(obj, latest)
+        return map_tensors(obj, self.latest)
 
     def dispatch(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """Every torch function the forward calls comes here. What the op does to the relevance is up to its
@@ -211,6 +323,8 @@ class Trace:
             self.fix(out, fixed[0], True, None)
             return out
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
+        if name in optable.ROUTE:
+            self.note_views(out)
         if not self.x.is_floating_point() and self.ids_seen(operands):
             self._follow_ids(name, func, args, kwargs, operands, out)
         if fixed is not None and not needs_grad(out):  # ``+ eps``, a cast, a reshape; a reduction ends a moment
@@ -413,14 +527,16 @@ class Trace:
             layer.hold(out, entry.stage, rectified=True)
 
     # ------------------------------------------------------------------ what ops remember
-    def follow(self, source: Tensor, out: Any) -> None:
-        """Gates and attention weights stay what they are through reshapes, expansions and dropout."""
+    def follow(self, source: Tensor, out: Any, gate: bool = True) -> None:
+        """Gates and attention weights stay what they are through reshapes, expansions and dropout; attention
+        weights alone (``gate=False``) also through scaling by, adding and dividing by values held fixed (ConViT's
+        mix with a positional attention, ``(1 - s) * softmax(q k^T) + s * P``, renormalised by its row sums)."""
         entry = self.facts(source)
-        if entry is None or not (entry.gate or entry.softmax is not None):
+        if entry is None or not ((gate and entry.gate) or entry.softmax is not None):
             return
         for t in tensors(out):
             facts = self.note(t)
-            facts.gate = facts.gate or entry.gate
+            facts.gate = facts.gate or (gate and entry.gate)
             facts.softmax = facts.softmax or entry.softmax
 
     def mark_head(self, name: str, x: Tensor, dim: Any, out: Tensor) -> None:
@@ -477,6 +593,8 @@ class Trace:
         """The forward is over: drop the facts about its tensors (what the backward needs is in the records)."""
         self.known.clear()
         self.stack.clear()
+        self.views.clear()
+        self.families.clear()
 
     def release(self) -> None:
         """Drop every tensor and record this trace holds. Autograd nodes keep records alive, so without this
@@ -492,6 +610,27 @@ class Trace:
         self.token_leaves.clear()
         self.token_positions.clear()
         self.forward_done()
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold their elements at the same places of their own storage."""
+    return bool(a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == 0
+                and b.storage_offset() == 0)
+
+
+def _extent(t: Tensor) -> int:
+    """How many elements of its storage ``t`` spans, from the start."""
+    return int(t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) if t.numel() else 0
+
+
+def _shares_elements(a: Tensor, b: Tensor, base: Tensor) -> bool:
+    """Whether views ``a`` and ``b`` of ``base`` (or of copies of it laid out alike) have an element in common."""
+    size = base.untyped_storage().nbytes() // base.element_size()
+    if a.dtype != base.dtype or b.dtype != base.dtype or max(_extent(a), _extent(b)) > size:
+        return True  # not comparable element by element: assume they do
+    marks = torch.zeros(size, dtype=torch.bool, device=base.device)
+    marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
+    return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
 
 
 class _Capture:

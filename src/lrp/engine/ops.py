@@ -77,7 +77,7 @@ def handle(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict)
         if needs_grad(out):
             raise unsupported(trace, name)
     if source is not None and out is not source:
-        trace.supersede(source, out)
+        out = trace.supersede(source, out)
     return out
 
 
@@ -121,14 +121,13 @@ def _inplace(trace: "Trace", func: Callable, name: str, args: tuple, kwargs: dic
         return None
     plain = optable.INPLACE_DUNDER.get(name, name.rstrip("_"))
     out_of_place = getattr(torch.Tensor, plain, None)
-    if out_of_place is None or target._base is not None:
+    if out_of_place is None:
         raise UnsupportedOperationError(
-            f"in-place op '{name}' in {trace.where()} writes into "
-            f"{'a view of ' if target._base is not None else ''}a tensor that depends on the input; lrp "
+            f"in-place op '{name}' in {trace.where()} writes into a tensor that depends on the input; lrp "
             f"cannot follow it. Write it out of place (e.g. 'y = x.{plain}(...)' instead of 'x.{name}(...)').")
     new = handle(trace, optable.op_name(out_of_place), out_of_place, args, kwargs)
     if new is not target:
-        trace.supersede(target, new)
+        new = trace.supersede(target, new)
     return new
 
 
@@ -149,6 +148,10 @@ def _gradient(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: di
                 entry = trace.facts(grad_args[0])
                 if entry is not None and entry.head is not None:
                     trace.note(out).head = entry.head
+    elif name in optable.SUMS:  # attention weights plus a constant (a fixed positional attention) stay weights
+        grad_args = grad_tensors((args, kwargs))
+        if len(grad_args) == 1:
+            trace.follow(grad_args[0], out, gate=False)
     return out
 
 
@@ -225,7 +228,10 @@ def _product(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dic
     factors 1/k of the product's relevance (CP-LRP: attention weights held fixed)."""
     grad_args = grad_tensors((args, kwargs))
     if len(grad_args) < 2:
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if grad_args and name in optable.ELEMENTWISE_PRODUCT:  # attention weights scaled by a constant
+            trace.follow(grad_args[0], out, gate=False)
+        return out
     softmaxes = [(t, trace.facts(t)) for t in grad_args]
     weights = [t for t, entry in softmaxes if entry is not None and entry.softmax is not None]
     for t, entry in softmaxes:
@@ -266,7 +272,10 @@ def _division(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: di
             return out
     grad_args = grad_tensors((args, kwargs))
     out = func(*args, **kwargs)
-    if len(grad_args) == 1 and args and args[0] is grad_args[0] or not needs_grad(out):
+    if len(grad_args) == 1 and args and args[0] is grad_args[0]:
+        trace.follow(args[0], out, gate=False)  # attention weights renormalised (by a held-fixed sum) stay weights
+        return out
+    if not needs_grad(out):
         return out
     raise unsupported(trace, name)
 
