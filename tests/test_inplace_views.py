@@ -152,3 +152,30 @@ class WriteIntoConstant(Base):
 def test_a_view_that_would_keep_old_values_is_an_error(model, match):
     with pytest.raises(lrp.UnsupportedOperationError, match=match):
         lrp.explain(model().double().eval(), _x(), target=0)
+
+
+class ShapeChangedInPlace(Base):
+    def __init__(self, how: str):
+        super().__init__(3)
+        self.how = how
+
+    def forward(self, x):
+        y = self.conv(x) * 1.0
+        v = y[:, :3]
+        if self.how == "t_":
+            s = y[0, 0]
+            row = s[:, 0]
+            s.t_()  # only the shape changes: row keeps its values
+            return self.fc(v.flatten(1)) + row.sum()
+        y.unsqueeze_(0)
+        return self.fc(v.flatten(1)) + y.sum()
+
+
+@pytest.mark.parametrize("how", ["t_", "unsqueeze_"])
+def test_an_op_that_only_changes_the_shape_in_place_leaves_the_views_alone(how):
+    model = ShapeChangedInPlace(how).double().eval()
+    x = _x()
+    with torch.no_grad():
+        expected = model(x)
+    res = lrp.explain(model, x, target=0, composite="lrp0")
+    torch.testing.assert_close(res.output, expected)

@@ -50,6 +50,10 @@ def test_mamba_is_explained_without_registration_and_left_as_it_was():
 
 def test_the_stand_in_forward_computes_what_the_mixer_computes():
     mixer = _mamba().backbone.layers[0].mixer
+    torch.manual_seed(5)
+    mixer.in_proj.bias = torch.nn.Parameter(torch.randn(mixer.in_proj.out_features, dtype=torch.float64))
+    with torch.no_grad():
+        mixer.conv1d.bias.normal_()
     h = torch.randn(2, 9, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0  # left padding
@@ -110,6 +114,14 @@ def test_mambalrp_matches_its_formulas_written_out():
     logits.gather(1, res.target[:, None]).sum().backward()
     reference = (emb * emb.grad).sum(-1)
     torch.testing.assert_close(res.relevance, reference, rtol=1e-6, atol=1e-9)
+
+
+def test_a_continuation_refuses_padded_prompts():
+    lm = _mamba()
+    ids = _ids()
+    ids[1, 0] = 0
+    with pytest.raises(lrp.LRPError, match="padding"):
+        lrp.explain(lrp.language.Continuation(lm, 5, pad_token_id=0), ids)
 
 
 def test_incremental_decoding_is_refused_with_the_way_out():

@@ -328,3 +328,28 @@ def test_a_ratio_of_statistics_may_scale_the_signal():
     ours = _relevance(Expression(grn), "epsilon")
     ref = _relevance(Expression(lambda x: grn(x, fixed=True)), "epsilon")
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+class GatesAnotherSignal(nn.Module):
+    """A power of one signal multiplied into another: no elementwise activation of either."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.how = nn.Linear(D, D), nn.Linear(D, D), how
+
+    def forward(self, h):
+        v = self.b(h)
+        if self.how == "square":
+            return h.square() * v
+        if self.how == "sum-then-tanh":
+            return torch.tanh(h + 0.0 * h.pow(3)) * v
+        if self.how == "through a layer":  # RWKV's channel mix: sigmoid(r(x)) * value(relu(key(x))**2)
+            return torch.sigmoid(v) * self.a(F.relu(h) ** 2)
+        return h * (h.pow(2) @ torch.full((D, D), 1.0 / D, dtype=h.dtype))  # a mean written as a matmul
+
+
+@pytest.mark.parametrize("how", ["square", "sum-then-tanh", "through a layer", "matmul mean"])
+def test_a_power_gates_only_the_signal_it_was_computed_from(how):
+    with pytest.raises(lrp.UnsupportedOperationError, match="gate of the signal it was computed from"):
+        lrp.explain(Net(GatesAnotherSignal(how)).double().eval(), _x(), target=0)

@@ -94,6 +94,11 @@ class Continuation(nn.Module):
         elif tokens.shape != (sequences.shape[0], n - self.prompt_length):
             raise LRPError(f"tokens has shape {tuple(tokens.shape)}; it must hold the continuation's ids, shaped "
                            f"{(sequences.shape[0], n - self.prompt_length)}")
+        if self.pad_token_id is not None and not sequences.is_floating_point() and bool(
+                (sequences[:, :self.prompt_length] == self.pad_token_id).any()):
+            raise LRPError("the prompts hold padding (pad_token_id): lrp runs the model without an attention mask, "
+                           "so left-padded prompts would be explained as other texts; explain each prompt and its "
+                           "continuation on its own, without padding")
         keep = torch.ones_like(tokens, dtype=torch.bool) if self.pad_token_id is None \
             else tokens != self.pad_token_id
         return tokens, keep

@@ -97,15 +97,23 @@ class Trace:
         entry = self.facts(t)
         return entry is not None and entry.nonnegative
 
-    def fix(self, out: Any, made_by: str, moment: bool, degree: Optional[float]) -> None:
-        """``out`` is held fixed: a moment (to be reduced) or a normalisation statistic, begun by op ``made_by``,
-        that scales with the signal with ``degree`` (``None``: not as a power)."""
+    def fix(self, out: Any, made_by: str, moment: bool, degree: Optional[float],
+            source: Optional[TensorFacts] = None) -> None:
+        """``out`` is held fixed: a moment (to be reduced, or to gate ``source``, the signal it is an elementwise
+        function of) or a normalisation statistic, begun by op ``made_by``, that scales with the signal with
+        ``degree`` (``None``: not as a power)."""
         for t in tensors(out):
             if t.is_floating_point():
                 entry = self.note(t)
                 entry.moment, entry.statistic = (made_by, None) if moment else (None, made_by)
                 entry.degree = degree
+                entry.source = source if moment else None
                 self.fixed += 1
+
+    def origin_of(self, t: Tensor) -> TensorFacts:
+        """The signal ``t`` is a constant multiple of (``t`` itself, for most)."""
+        entry = self.note(t)
+        return entry.origin if entry.origin is not None else entry
 
     def is_reduced(self, t: Tensor) -> bool:
         entry = self.facts(t)
@@ -114,11 +122,13 @@ class Trace:
     def supersede(self, old: Tensor, new: Tensor) -> Tensor:
         """An in-place op on ``old`` ran out of place and made ``new``: later uses of ``old`` get what this returns.
         The op writes into the views of ``old`` and, for a view, into its base as well: those are superseded too
-        (``_write_back``, ``_move_views``)."""
-        if old._base is not None:
-            new = self._write_back(old, old._base, new)
-        elif self.views:
-            new = self._move_views(old, new)
+        (``_write_back``, ``_move_views``). An op that only changes the shape (``t_``, ``unsqueeze_``: the result
+        is a view of the same storage) writes nothing: the views keep their values."""
+        if new.untyped_storage().data_ptr() != old.untyped_storage().data_ptr():
+            if old._base is not None:
+                new = self._write_back(old, old._base, new)
+            elif self.views:
+                new = self._move_views(old, new)
         self._succeed(old, new)
         return new
 
@@ -318,19 +328,23 @@ class Trace:
         fixed = self._fixed_among(name, operands) if self.fixed and not self.trusted else None
         if fixed is not None and fixed[1] and name in optable.SUMS and needs_grad(operands):
             # the signal plus a power of it (``x + 0.044715 * x**3`` in a tanh GELU): a function of the signal
-            # that is no linear map of it, so the sum joins the moment (held fixed, a gate at most)
+            # that is no linear map of it, so the sum joins the moment (held fixed, a gate of that signal at most)
             out = func(*map_tensors(args, Tensor.detach), **map_tensors(kwargs, Tensor.detach))
-            self.fix(out, fixed[0], True, None)
+            self.fix(out, fixed[0], True, None, fixed[2])
             return out
         out = func(*args, **kwargs) if self.trusted else ops.handle(self, name, func, args, kwargs)
+        if name in optable.SCALINGS and isinstance(out, Tensor) and out.requires_grad:
+            signal = [t for t in operands if t.requires_grad]
+            if len(signal) == 1 and all(t is signal[0] or t.ndim == 0 for t in operands):
+                self.note(out).origin = self.origin_of(signal[0])
         if name in optable.ROUTE:
             self.note_views(out)
         if not self.x.is_floating_point() and self.ids_seen(operands):
             self._follow_ids(name, func, args, kwargs, operands, out)
         if fixed is not None and not needs_grad(out):  # ``+ eps``, a cast, a reshape; a reduction ends a moment
-            made_by, moment = fixed
+            made_by, moment, source = fixed
             self.fix(out, made_by, moment and name not in optable.REDUCTION and name not in optable.SPREAD,
-                     self._degree(name, args, kwargs))
+                     self._degree(name, args, kwargs), source if name in optable.ELEMENTWISE else None)
         if name == "__setitem__" or not gradient_free(out) or (not torch.is_grad_enabled()
                                                                 and isinstance(out, Tensor)):
             # with gradients off (inside a custom autograd function's forward, or a no_grad block) an op on an
@@ -390,31 +404,35 @@ class Trace:
         signal = [t for t in operands if t.requires_grad]
         return bool(signal) and all(self.is_reduced(t) for t in signal)
 
-    def _fixed_among(self, name: str, operands: list) -> Optional[tuple[str, bool]]:
-        """``(op that began it, is a moment)`` for a held-fixed tensor among ``operands``. Where the signal is an
-        operand too, a statistic may only scale it (``x * s``, ``x / s``) and a moment may not meet it at all
-        (``x * x**2`` is no normalisation: the power meets the signal before it is reduced): else an error."""
+    def _fixed_among(self, name: str, operands: list) -> Optional[tuple[str, bool, Optional[TensorFacts]]]:
+        """``(op that began it, is a moment, the moment's source)`` for a held-fixed tensor among ``operands``.
+        Where the signal is an operand too, a statistic may only scale it (``x * s``, ``x / s``), and a moment may
+        meet only the signal it is an elementwise function of, as a gate (``x * f(x**2)``) or in a sum that joins
+        the moment (``x + x**3``): else an error."""
         entries = [entry for t in operands if (entry := self.facts(t)) is not None
                    and (entry.moment or entry.statistic)]
         if not entries:
             return None
-        moment = next((entry.moment for entry in entries if entry.moment), None)
+        moments = [entry for entry in entries if entry.moment]
+        moment = moments[0].moment if moments else None
+        source = moments[0].source if moments and all(e.source is moments[0].source for e in moments) else None
         made_by = moment or entries[0].statistic
         assert made_by is not None
         if any(t.requires_grad for t in operands):
             if moment is not None:
-                if name in optable.SUMS or name in optable.ELEMENTWISE_PRODUCT:
-                    return moment, True  # joins the moment (``dispatch``), or gates the signal: held fixed
-                raise ops.unsupported(self, moment, f" Its result meets the signal again in '{name}' neither as a "
-                                                    f"gate (an elementwise product with the signal: x * f(x**3)) "
-                                                    f"nor reduced (mean, sum) into a normalisation statistic; "
-                                                    f"lrp holds such values fixed only in those two roles.")
+                if ((name in optable.SUMS or name in optable.ELEMENTWISE_PRODUCT) and source is not None
+                        and all(self.origin_of(t) is source for t in operands if t.requires_grad)):
+                    return moment, True, source  # joins the moment (``dispatch``), or gates its signal
+                raise ops.unsupported(self, moment, f" Its result meets the signal in '{name}' neither as a gate "
+                                                    f"of the signal it was computed from (an elementwise product: "
+                                                    f"x * f(x**3)) nor reduced (mean, sum) into a normalisation "
+                                                    f"statistic; lrp holds such values fixed only in those roles.")
             if not self._normalises(optable.out_of_place(name), operands, entries):
                 raise ops.unsupported(self, made_by, f" lrp holds it fixed as a normalisation statistic, which may "
                                                      f"only scale the signal so that the result grows no faster "
                                                      f"than the signal (x * rsqrt(mean(x**2)), x / norm(x)); here "
                                                      f"it meets the signal in '{name}'.")
-        return made_by, moment is not None
+        return made_by, moment is not None, source
 
     def positions_of(self, t: Tensor) -> Optional[Tensor]:
         """For token ids (or a re-indexing of them): the flat position in the model input of each id."""

@@ -211,7 +211,7 @@ _TANH_GELU = 0.7978845608028654  # sqrt(2 / pi)
 
 def _ratio(name: str, rest: tuple, kwargs: dict) -> Optional[Callable[[Tensor], Tensor]]:
     """``f(x) / x`` written out for the identity rule's backward, for the activations of language models."""
-    if name == "silu" and not rest:
+    if name == "silu" and rest in ((), (False,)):  # F.silu(x, inplace) runs out of place here
         return torch.sigmoid
     if name == "gelu" and not rest:
         if kwargs.get("approximate", "none") == "tanh":
@@ -295,7 +295,8 @@ def _moment(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict
         return out
     fixed = x.detach()
     out = func(fixed, *args[1:], **{k: fixed if v is x else v for k, v in kwargs.items()})
-    trace.fix(out, name, moment=not trace.is_reduced(x), degree=power_degree(name, args, kwargs, 1.0))
+    trace.fix(out, name, moment=not trace.is_reduced(x), degree=power_degree(name, args, kwargs, 1.0),
+              source=trace.origin_of(x))
     return out
 
 
@@ -451,8 +452,8 @@ def _softmax(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dic
     if x is None:
         return func(*args, **kwargs)
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    if dim is None:
-        dim = -1
+    if dim is None:  # F.softmax's implicit dimension
+        dim = 0 if x.ndim in (0, 1, 3) else 1
     record = SoftmaxRecord(x.detach())
     out = SoftmaxFunction.apply(x, dim, lambda t: func(t, *args[1:], **kwargs), record)
     trace.note(out).softmax = record

@@ -128,6 +128,12 @@ GATES = frozenset("sigmoid hardsigmoid".split())
 ELEMENTWISE_PRODUCT = frozenset("mul __mul__ __rmul__ multiply".split())
 # elementwise sums: the signal plus a moment of it joins the moment (``Trace.dispatch``)
 SUMS = frozenset("add sub subtract __add__ __radd__ __sub__ __rsub__ rsub".split())
+CASTS = frozenset("to float double half bfloat16 type_as contiguous clone".split())
+# ops after which a moment is still an elementwise function of the signal it was computed from
+ELEMENTWISE = IDENTITY | MOMENT | SUMS | MULTIPLIES | DIVISION | CASTS | frozenset(
+    "neg __neg__ negative exp log abs __truediv__ __rtruediv__ __pow__ __rpow__ erf".split())
+# a constant multiple of the signal keeps its origin (``0.5 * x`` in GPT-2's GELU)
+SCALINGS = MULTIPLIES | DIVISION | CASTS | frozenset("neg __neg__ negative".split())
 
 # output heads: a model whose output is one of these (over the class dimension, for the softmaxes), possibly
 # followed by pure reshapes, is explained from the head's input (the logits)

@@ -152,6 +152,8 @@ class TensorFacts:
     moment: Optional[str] = None  # a power or root of the signal (the op's name), held fixed, not yet reduced
     statistic: Optional[str] = None  # a normalisation statistic held fixed (the op that began it)
     degree: Optional[float] = None  # of a moment or statistic: how it scales with the signal (x -> a x: a^degree)
+    source: Optional["TensorFacts"] = None  # of a moment: the signal it is an elementwise function of (its origin)
+    origin: Optional["TensorFacts"] = None  # of a signal: the signal it is a constant multiple of (x in 0.5 * x)
     reduced: bool = False  # the signal after a reduction (mean, sum) over some of its elements
     positions: Optional[Tensor] = None  # token ids re-indexed: each element's flat position in the model input
     from_ids: bool = False  # integers computed from the token ids in a way that does not keep their positions

@@ -24,13 +24,21 @@ from ..errors import UnsupportedOperationError
 
 Tensor = torch.Tensor
 
+
+def _masks_input() -> bool:
+    import transformers
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
 _PARTS = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj", "A_log", "D", "act", "ssm_state_size",
           "time_step_rank")
 
 
 def is_mamba_mixer(module: torch.nn.Module) -> bool:
-    """A Mamba (v1) mixer as Hugging Face ``transformers`` writes it (``MambaMixer``, also in Falcon-Mamba)."""
-    return type(module).__name__.endswith("MambaMixer") and all(hasattr(module, part) for part in _PARTS)
+    """A Mamba (v1) mixer as Hugging Face ``transformers`` writes it (``MambaMixer``). Its relatives with norms
+    on the selection (Falcon-Mamba, Jamba) are not: they stop at an op without a rule instead."""
+    return (type(module).__name__ == "MambaMixer" and type(module).__module__.startswith("transformers.")
+            and all(hasattr(module, part) for part in _PARTS))
 
 
 def mixer_forward(mixer: Any, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -43,10 +51,20 @@ def mixer_forward(mixer: Any, hidden_states: Tensor, *args: Any, **kwargs: Any) 
     mask: Optional[Tensor] = kwargs.get("attention_mask")
     if mask is None and len(args) >= 3 and isinstance(args[2], Tensor):
         mask = args[2]
+    unknown = [key for key, value in kwargs.items()
+               if value is not None and key not in ("cache_params", "cache", "cache_position", "attention_mask")]
+    if unknown:
+        raise UnsupportedOperationError(
+            f"the Mamba mixer {type(mixer).__name__} was called with {', '.join(unknown)}, which lrp's MambaLRP "
+            f"forward does not support (e.g. packed sequences); call the model with input_ids and at most an "
+            f"attention_mask")
     length = hidden_states.shape[1]
     dtype = hidden_states.dtype
+    masked_input = mask is not None and _masks_input()
+    if masked_input:  # transformers 5 masks the mixer's input, 4.x the signal after in_proj
+        hidden_states = hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)  # type: ignore[union-attr]
     u, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, inner, length) each
-    if mask is not None:
+    if mask is not None and not masked_input:
         u = u * mask.unsqueeze(1).to(u.dtype)
     u = mixer.act(mixer.conv1d(u)[..., :length])
     if mask is not None:
