@@ -144,11 +144,16 @@ class Trace:
         self.replaced.add(id(old))
 
     def latest(self, t: Tensor) -> Tensor:
-        """``t``, or what superseded it last."""
+        """``t``, or what superseded it last (the chain is shortened on the way: a loop writing into a buffer
+        step by step stays linear, and the versions between are let go)."""
         entry = self.facts(t)
+        passed = []
         while entry is not None and entry.superseded is not None:
+            passed.append(entry)
             t = entry.superseded
             entry = self.facts(t)
+        for step in passed[:-1]:
+            step.superseded = t
         return t
 
     # Views. An in-place op on a tensor writes into its views, and on a view into the tensor it shows (its base).
