@@ -49,16 +49,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import ctypes.util
 import gc
-import json
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -73,7 +65,9 @@ from transformers.models.llama import modeling_llama
 import lrp
 import lrp.language
 
-from machine import cpu_name  # benchmarks/machine.py
+from harness import (argument_parser, check_device, cuda_memory, fmt, gpu_line, int_list,  # benchmarks/harness.py
+                     machine_lines, memory_in_subprocesses, print_rss_rise, ratio, refuse, release_memory, report,
+                     time_runs)
 
 THREADS = 2
 SIZES = {
@@ -89,19 +83,6 @@ LXT_TRANSFORMERS = "4.51."  # the transformers LXT 2.1's patches are written for
 METHODS = {"forward": "forward (no grad)", "grad": "gradient x input", "lrp": "lrp epsilon (AttnLRP)",
            "lrp-explainer": "lrp Explainer epsilon (repeated calls)", "lxt": "LXT 2.1 efficient AttnLRP"}
 REFERENCE = "grad"
-
-
-def _malloc_trim() -> Callable[[], object]:
-    """glibc's malloc_trim(0), or a no-op elsewhere."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-# called (untimed) after every timed call, so that every call starts from the same heap state (see speed.py)
-release_memory = _malloc_trim()
 
 
 # --------------------------------------------------------------------------- LXT
@@ -262,59 +243,7 @@ def build_runs(keys: list[str], lm: LlamaForCausalLM, ids: torch.Tensor, target:
     return runs
 
 
-# --------------------------------------------------------------------------- timing
-
-def clock(device: str) -> Callable[[], float]:
-    """perf_counter, after torch.cuda.synchronize() on cuda (kernels run asynchronously)."""
-    if device != "cuda":
-        return time.perf_counter
-
-    def now() -> float:
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return now
-
-
-def time_runs(runs: dict[str, Callable[[], object]], device: str, reps: int, errors: list[str],
-              tag: str) -> dict[str, float]:
-    """Median seconds per method, round-robin; a method that raises is dropped (traceback kept in ``errors``)."""
-    now = clock(device)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    keys = list(runs)
-    for rnd in range(2 + reps):  # the first two rounds are warm-up
-        order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
-        for key in order:
-            if key not in runs:
-                continue
-            try:
-                t0 = now()
-                result = runs[key]()
-                dt = now() - t0
-            except Exception:
-                errors.append(f"{tag} {METHODS[key]}:\n{traceback.format_exc()}")
-                del runs[key]
-                continue
-            del result
-            release_memory()
-            if rnd >= 2:
-                times[key].append(dt)
-        print(f"  {tag}: round {rnd + 1}/{2 + reps} done", file=sys.stderr, flush=True)
-    return {k: statistics.median(v) for k, v in times.items() if v}
-
-
 # --------------------------------------------------------------------------- memory
-
-def peak_rss_kb() -> int:
-    """This process's peak resident set size in KB (VmHWM, reset by clear_refs; else ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-
 
 def measure_memory(args: argparse.Namespace, seq: int, key: str) -> None:
     """(CPU, child process) Print the peak RSS rise (MB) over one warm-up + one measured call, as one JSON line."""
@@ -327,44 +256,15 @@ def measure_memory(args: argparse.Namespace, seq: int, key: str) -> None:
         patch = LxtPatch()
         patch.on()  # this process runs LXT only
         lxt = (lm, patch)
-    run = make_method(key, lm, ids, target, lxt)
-    gc.collect()
-    release_memory()
-    try:  # reset the peak to the current RSS (Linux >= 4.0), so setup transients do not mask the peak
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    before = peak_rss_kb()
-    result = run()
-    del result
-    result = run()
-    del result
-    after = peak_rss_kb()
-    print(json.dumps({"mb": (after - before) / 1024}))
+    print_rss_rise(make_method(key, lm, ids, target, lxt), trim=True)
 
 
-def memory_in_subprocess(args: argparse.Namespace, seq: int, key: str) -> Optional[float]:
-    cmd = [sys.executable, __file__, "--measure-memory", str(seq), key, "--size", args.size, "--dtype", args.dtype,
-           "--attn", args.attn, "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"memory measurement failed: {' '.join(cmd)}\n{proc.stderr}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["mb"]
-
-
-def cuda_peak_mb(run: Callable[[], object]) -> float:
-    """Peak CUDA memory (MB) during one call, above what was allocated right before it."""
-    gc.collect()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del result
-    return (peak - before) / 2**20
+def memory(args: argparse.Namespace, seq: int, keys: list[str], tag: str) -> dict[str, Optional[float]]:
+    """(CPU) Peak RSS rise per method, each in a fresh subprocess (``--measure-memory SEQ METHOD``)."""
+    def child_args(key: str) -> list[str]:
+        return [str(seq), key, "--size", args.size, "--dtype", args.dtype, "--attn", args.attn,
+                "--threads", str(args.threads)]
+    return memory_in_subprocesses(__file__, keys, child_args, tag)
 
 
 # --------------------------------------------------------------------------- agreement
@@ -401,14 +301,6 @@ def agreement_notes(runs: dict[str, Callable[[], torch.Tensor]], lrp0: Callable[
 
 # --------------------------------------------------------------------------- report
 
-def fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def ratio(value: Optional[float], reference: Optional[float]) -> Optional[float]:
-    return value / reference if value is not None and reference else None
-
-
 def table_rows(seq: int, medians: dict[str, float], mem: dict[str, Optional[float]], notes: dict[str, str],
                time_spec: str) -> list[str]:
     t_ref, m_ref = medians.get(REFERENCE), mem.get(REFERENCE)
@@ -426,14 +318,10 @@ def header_lines(args: argparse.Namespace, lm: LlamaForCausalLM, reps: int, lxt_
                  patch: Optional[LxtPatch]) -> list[str]:
     s = SIZES[args.size]
     n_params = sum(p.numel() for p in lm.parameters())
-    lines = [
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, lrp {lrp.__version__}, "
-        f"lxt {lxt_version()}, Python {platform.python_version()}",
-        f"- threads: {torch.get_num_threads()}; CPU: {cpu_name()}",
-    ]
+    lines = machine_lines([f"transformers {transformers.__version__}", f"lrp {lrp.__version__}",
+                           f"lxt {lxt_version()}"])
     if args.device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}; peak extra MB: CUDA memory "
-                     f"allocated above that held before the call (weights and input not counted)")
+        lines.append(gpu_line())
     else:
         lines.append("- peak extra MB: rise of the peak resident set size of a fresh process per (length, method) "
                      "over one warm-up and one measured call")
@@ -456,8 +344,7 @@ def header_lines(args: argparse.Namespace, lm: LlamaForCausalLM, reps: int, lxt_
 # --------------------------------------------------------------------------- command line
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = argument_parser(__doc__)  # with --device
     parser.add_argument("--size", choices=list(SIZES), help="model size (default: cpu small, cuda 1b)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default: cpu float32, cuda bfloat16)")
     parser.add_argument("--seqs", help="comma list of sequence lengths (default: cpu 128,512; cuda 512,2048)")
@@ -474,30 +361,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def refuse(message: str) -> None:
-    """One line on stderr, exit code 2 (as argparse does for a bad argument)."""
-    print(f"llm.py: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_args(args: argparse.Namespace) -> list[int]:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        refuse("--device cuda: no CUDA device is available on this machine (torch.cuda.is_available() is "
-               "False); use --device cpu")
-    try:
-        seqs = [int(s) for s in args.seqs.split(",") if s.strip()]
-    except ValueError:
-        seqs = []
+    check_device(args.device)
+    seqs = int_list(args.seqs)
     if not seqs or min(seqs) < 2:
         refuse(f"--seqs: expected a comma list of integers >= 2, got {args.seqs!r}")
     return seqs
-
-
-def write_report(path: str, header: list[str], table: str, errors: list[str]) -> None:
-    with open(path, "w") as f:
-        f.write("\n".join(header) + "\n\n" + table + "\n")
-        if errors:
-            f.write("\nErrors:\n\n```\n" + "\n".join(errors) + "```\n")
 
 
 def main() -> None:
@@ -544,7 +413,7 @@ def main() -> None:
         ids = make_ids(seq, lm.config.vocab_size, device)
         target = predicted_token(lm, ids)
         runs = build_runs(keys, lm, ids, target, lxt, errors, tag)
-        medians = time_runs(runs, device, reps, errors, tag)
+        medians = time_runs(runs, device, reps, METHODS, errors, tag)
         def lrp0(ids: torch.Tensor = ids, target: int = target) -> torch.Tensor:
             return lrp.explain(lrp.language.NextToken(lm), ids, target=target, composite="lrp0").relevance
 
@@ -552,20 +421,12 @@ def main() -> None:
         if lxt is None:
             notes["lxt"] = lxt_note or ""
         if device == "cuda":
-            mem = {}
-            for key, run in runs.items():
-                try:
-                    mem[key] = cuda_peak_mb(run)
-                except Exception:
-                    errors.append(f"{tag} {METHODS[key]} (memory):\n{traceback.format_exc()}")
+            mem = cuda_memory(runs, METHODS, errors, tag)
         else:
             del runs
             gc.collect()
             release_memory()
-            mem = {}
-            for key in keys:
-                mem[key] = memory_in_subprocess(args, seq, key)
-                print(f"  {tag}: memory {key} done", file=sys.stderr, flush=True)
+            mem = memory(args, seq, keys, tag)
         new_rows = table_rows(seq, medians, mem, notes, time_spec)
         rows += new_rows
         print("\n".join("  " + r for r in new_rows), file=sys.stderr, flush=True)  # partial results
@@ -574,12 +435,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    table = "\n".join(rows)
-    print("\n" + table)
-    if errors:
-        print("\nErrors:\n\n" + "\n".join(errors))
-    if args.out:
-        write_report(args.out, header, table, errors)
+    report(header, "\n".join(rows), [], errors, args.out)
 
 
 if __name__ == "__main__":

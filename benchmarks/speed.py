@@ -32,16 +32,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import gc
-import json
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from importlib import metadata
@@ -55,7 +47,9 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 import lrp
 
-from machine import cpu_name  # benchmarks/machine.py
+from harness import (argument_parser, check_device, comma_list, cuda_memory, fmt, gpu_line,  # benchmarks/harness.py
+                     int_list, machine_lines, memory_in_subprocesses, print_rss_rise, ratio, refuse, report,
+                     time_runs)
 
 THREADS = 2
 # model -> zennit canonizer (None: zennit has no canonizer/rules for the model, its rows are n/a)
@@ -92,20 +86,6 @@ class Setup:
     @property
     def dtype(self) -> Optional[torch.dtype]:
         return AUTOCAST[self.autocast]
-
-
-def _malloc_trim() -> Callable[[], object]:
-    """glibc's malloc_trim(0), or a no-op elsewhere."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-# Called (untimed) after every timed call: without it glibc keeps freed heap memory and the timing process
-# grew past 15 GB RSS on vgg16 batch 8 (and was killed); with it every call starts from the same heap state.
-release_memory = _malloc_trim()
 
 
 def load_model(name: str, device: str = "cpu") -> torch.nn.Module:
@@ -210,122 +190,23 @@ def build_runs(model_name: str, model: torch.nn.Module, x: torch.Tensor, setup: 
 
 # --------------------------------------------------------------------------- memory
 
-def peak_rss_kb() -> int:
-    """This process's peak resident set size in KB: VmHWM (per address space, reset by clear_refs), else
-    ru_maxrss. ru_maxrss alone is not enough here: after fork+exec it starts at the parent's peak RSS."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-
-
 def measure_memory(model_name: str, batch: int, key: str, setup: Setup) -> None:
     """(CPU, child process) Print the peak RSS rise (MB) over one warm-up + one measured call, as one JSON line."""
     torch.set_num_threads(THREADS)
     model = load_model(model_name)
     x = make_input(batch)
     with contextlib.ExitStack() as stack:
-        run = with_autocast(key, make_method(key, model_name, model, x, stack), setup)
-        gc.collect()
-        try:  # reset the peak to the current RSS (Linux >= 4.0), so setup transients do not mask the peak
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        before = peak_rss_kb()
-        result = run()
-        del result
-        result = run()
-        del result
-        after = peak_rss_kb()
-    print(json.dumps({"mb": (after - before) / 1024}))
-
-
-def memory_in_subprocess(model_name: str, batch: int, key: str, setup: Setup) -> Optional[float]:
-    cmd = [sys.executable, __file__, "--measure-memory", model_name, str(batch), key, "--autocast", setup.autocast]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"memory measurement failed: {' '.join(cmd)}\n{proc.stderr}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["mb"]
-
-
-def cuda_peak_mb(run: Callable[[], object]) -> float:
-    """Peak CUDA memory (MB) during one call, above what was allocated right before it."""
-    gc.collect()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del result
-    return (peak - before) / 2**20
-
-
-def cuda_memory(runs: dict[str, Callable[[], object]], errors: list[str], tag: str) -> dict[str, Optional[float]]:
-    mem: dict[str, Optional[float]] = {}
-    for key, run in runs.items():
-        try:
-            mem[key] = cuda_peak_mb(run)
-        except Exception:
-            errors.append(f"{tag} {METHODS[key]} (memory):\n{traceback.format_exc()}")
-            mem[key] = None
-    return mem
+        print_rss_rise(with_autocast(key, make_method(key, model_name, model, x, stack), setup))
 
 
 def memory(model_name: str, batch: int, keys: list[str], setup: Setup) -> dict[str, Optional[float]]:
-    """(CPU) Peak RSS rise per method, each in a fresh subprocess."""
-    mem = {}
-    for key in keys:
-        mem[key] = memory_in_subprocess(model_name, batch, key, setup)
-        print(f"  {model_name} batch {batch}: memory {key} done", file=sys.stderr, flush=True)
-    return mem
+    """(CPU) Peak RSS rise per method, each in a fresh subprocess (``--measure-memory MODEL BATCH METHOD``)."""
+    def child_args(key: str) -> list[str]:
+        return [model_name, str(batch), key, "--autocast", setup.autocast]
+    return memory_in_subprocesses(__file__, keys, child_args, f"{model_name} batch {batch}")
 
 
-# --------------------------------------------------------------------------- timing
-
-def clock(device: str) -> Callable[[], float]:
-    """perf_counter, after torch.cuda.synchronize() on cuda (kernels run asynchronously)."""
-    if device != "cuda":
-        return time.perf_counter
-
-    def now() -> float:
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return now
-
-
-def time_runs(runs: dict[str, Callable[[], object]], setup: Setup, errors: list[str],
-              tag: str) -> dict[str, float]:
-    """Median seconds per method, round-robin; a method that raises is dropped (traceback kept in ``errors``)."""
-    now = clock(setup.device)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    keys = list(runs)
-    for rnd in range(2 + setup.reps):  # the first two rounds are warm-up
-        order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
-        for key in order:
-            if key not in runs:
-                continue
-            try:
-                t0 = now()
-                result = runs[key]()
-                dt = now() - t0
-            except Exception:
-                errors.append(f"{tag} {METHODS[key]}:\n{traceback.format_exc()}")
-                del runs[key]
-                continue
-            del result
-            release_memory()
-            if rnd >= 2:
-                times[key].append(dt)
-        print(f"  {tag}: round {rnd + 1}/{2 + setup.reps} done", file=sys.stderr, flush=True)
-    return {k: statistics.median(v) for k, v in times.items() if v}
-
+# --------------------------------------------------------------------------- one model and batch
 
 def bench(model_name: str, model: torch.nn.Module, batch: int, setup: Setup,
           errors: list[str]) -> tuple[dict[str, float], dict[str, Optional[float]]]:
@@ -334,9 +215,9 @@ def bench(model_name: str, model: torch.nn.Module, batch: int, setup: Setup,
     x = make_input(batch, setup.device)
     with contextlib.ExitStack() as stack:
         runs = build_runs(model_name, model, x, setup, stack, errors, tag)
-        medians = time_runs(runs, setup, errors, tag)
+        medians = time_runs(runs, setup.device, setup.reps, METHODS, errors, tag)
         if setup.device == "cuda":
-            return medians, cuda_memory(runs, errors, tag)
+            return medians, cuda_memory(runs, METHODS, errors, tag)
     del x, runs
     return medians, memory(model_name, batch, [k for k in METHODS if applicable(k, model_name)], setup)
 
@@ -368,14 +249,6 @@ def cosine_line(model_name: str, model: torch.nn.Module, batch: int, setup: Setu
 
 # --------------------------------------------------------------------------- report
 
-def fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def ratio(value: Optional[float], reference: Optional[float]) -> Optional[float]:
-    return value / reference if value is not None and reference else None
-
-
 def table_rows(model_name: str, batch: int, medians: dict[str, float], mem: dict[str, Optional[float]],
                time_spec: str) -> list[str]:
     t_ref, m_ref = medians.get(REFERENCE), mem.get(REFERENCE)
@@ -388,16 +261,12 @@ def table_rows(model_name: str, batch: int, medians: dict[str, float], mem: dict
 
 
 def header_lines(setup: Setup) -> list[str]:
-    lines = [
-        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"zennit {metadata.version('zennit')}, lrp {lrp.__version__}, Python {platform.python_version()}",
-        f"- threads: {torch.get_num_threads()}; CPU: {cpu_name()}",
-    ]
+    lines = machine_lines([f"torchvision {torchvision.__version__}", f"zennit {metadata.version('zennit')}",
+                           f"lrp {lrp.__version__}"])
     if setup.device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}; torch's default TF32 "
-                     f"settings (float32 matmul precision {torch.get_float32_matmul_precision()!r}, cuDNN "
-                     f"allow_tf32 {torch.backends.cudnn.allow_tf32}); peak extra MB: CUDA memory allocated "
-                     f"above that held before the call (weights and input not counted)")
+        lines.append(gpu_line(f"torch's default TF32 settings (float32 matmul precision "
+                              f"{torch.get_float32_matmul_precision()!r}, cuDNN allow_tf32 "
+                              f"{torch.backends.cudnn.allow_tf32}); "))
     lines.append(f"- float32, 224x224, random weights; {setup.reps} timed repetitions after 2 warm-ups, "
                  f"round-robin, median")
     if setup.dtype is not None:
@@ -408,13 +277,8 @@ def header_lines(setup: Setup) -> list[str]:
 
 # --------------------------------------------------------------------------- command line
 
-def comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = argument_parser(__doc__)  # with --device
     parser.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default: cpu "
                                          f"{DEFAULT_MODELS['cpu']}, cuda {DEFAULT_MODELS['cuda']})")
     parser.add_argument("--batches", help="comma list of batch sizes (default: cpu 1,8, --quick 1; cuda 1,32)")
@@ -426,17 +290,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def refuse(message: str) -> None:
-    """One line on stderr, exit code 2 (as argparse does for a bad argument)."""
-    print(f"speed.py: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     """Models and batch sizes to run; refuses what cannot run here."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        refuse("--device cuda: no CUDA device is available on this machine (torch.cuda.is_available() is "
-               "False); use --device cpu")
+    check_device(args.device)
     if args.device == "cpu" and args.autocast == "fp16":
         refuse("--autocast fp16 is for --device cuda only; on the CPU use --autocast bf16 or none")
     models = comma_list(args.models or DEFAULT_MODELS[args.device])
@@ -444,22 +300,10 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     if unknown or not models:
         refuse(f"--models: unknown model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
     batch_text = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)[args.device]
-    try:
-        batches = [int(b) for b in comma_list(batch_text)]
-    except ValueError:
-        batches = []
+    batches = int_list(batch_text)
     if not batches or min(batches) < 1:
         refuse(f"--batches: expected a comma list of positive integers, got {batch_text!r}")
     return models, batches
-
-
-def write_report(path: str, header: list[str], table: str, notes: list[str], errors: list[str]) -> None:
-    with open(path, "w") as f:
-        f.write("\n".join(header) + "\n\n" + table + "\n")
-        if notes:
-            f.write("\n" + "\n".join(notes) + "\n")
-        if errors:
-            f.write("\nErrors:\n\n```\n" + "\n".join(errors) + "```\n")
 
 
 def main() -> None:
@@ -496,13 +340,7 @@ def main() -> None:
 
     table = "\n".join(rows)
     notes = [f"- zennit on {m}: n/a. {ZENNIT_NA}." for m in models if MODELS[m] is None] + cosines
-    print("\n" + table)
-    if notes:
-        print("\n" + "\n".join(notes))
-    if errors:
-        print("\nErrors:\n\n" + "\n".join(errors))
-    if args.out:
-        write_report(args.out, header, table, notes, errors)
+    report(header, table, notes, errors, args.out)
 
 
 if __name__ == "__main__":
