@@ -1,4 +1,5 @@
-"""Built-in models: a small CNN trained by this project on real MNIST digits.
+"""Built-in models, trained by this project: a small CNN on real MNIST digits (``mnist()``), and a text CNN
+that tells spam from ham in the SpamAssassin corpus (``spam()``, see :mod:`lrp.spam`).
 
 ``lrp.models.mnist()`` returns it ready to use (eval mode, inputs ``(N, 1, 28, 28)`` in ``[0, 1]``).
 The checkpoint is reproduced by ``python scripts/train_mnist.py`` (fixed seed; digits 0..7999 of the shipped
@@ -95,3 +96,8 @@ def accuracy(model: nn.Module, split: str = "test") -> float:
     correct = (model(x).argmax(1) == y).float().mean().item()
     model.train(was_training)
     return correct
+
+
+# the built-in spam classifier (lrp.spam): re-exported so that lrp.models lists every built-in model
+from .spam import (SPAM_ACCURACY, SPAM_CLASSES, SpamMail, SpamNet, spam, spam_accuracy,  # noqa: E402,F401
+                   spam_examples, spam_heldout)
