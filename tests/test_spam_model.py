@@ -162,3 +162,26 @@ def test_explain_conserves_and_ignores_padding(loaded):
     assert torch.allclose(ham.relevance, -lrp.explain(model, ids, target=1, composite="epsilon").relevance,
                           atol=1e-6)
     assert torch.equal(res.predicted, model(ids).argmax(1))
+
+
+def test_one_call_explains_a_text_for_the_predicted_or_a_named_class():
+    from lrp.spam import explain_text, spam_examples
+
+    mail = next(m for m in spam_examples() if m.label == 1)
+    res = explain_text(mail.text)
+    assert res.predicted == res.explained == "spam" and res.probability > 0.5
+    assert res.relevance.shape == (len(res.encoded.tokens),) and torch.isfinite(res.relevance).all()
+    model, tok = lrp.models.spam()
+    logits = model(res.encoded.ids)[0]
+    # no biases: the tokens' relevance adds up to the explained logit (epsilon's stabiliser aside)
+    torch.testing.assert_close(res.relevance.sum(), logits[1].detach(), rtol=1e-3, atol=1e-4)
+    ham = explain_text(mail.text, target="ham", model=model, tokenizer=tok)
+    assert ham.explained == "ham" and ham.predicted == "spam"
+    torch.testing.assert_close(ham.relevance, -res.relevance, rtol=1e-5, atol=1e-7)
+    words = res.word_relevance()
+    in_words = sum(float(r) for r, w in zip(res.relevance, res.encoded.words) if w is not None)  # not white space
+    assert words and abs(sum(r for _, r in words) - in_words) < 1e-4
+    assert all(word.strip() and word in res.encoded.text for word, _ in words[:20])
+    assert "<span" in res.html() and len(res.html(merge=False)) > len(res.html())
+    with pytest.raises(ValueError, match="ham"):
+        explain_text(mail.text, target="eggs", model=model, tokenizer=tok)

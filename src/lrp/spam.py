@@ -273,3 +273,52 @@ def spam_accuracy(model: Optional[nn.Module] = None, tokenizer: Any = None, mail
         correct += int((pred == torch.tensor([mails[k].label for k in idx])).sum())
     model.train(was_training)
     return correct / max(len(mails), 1)
+
+
+@dataclass
+class SpamExplanation:
+    """Why the spam model decided as it did about one text: a relevance per token (``relevance``, shaped like
+    ``encoded.tokens``) for the class ``explained``; positive speaks for that class."""
+
+    encoded: Encoded
+    relevance: Tensor
+    explained: str
+    predicted: str
+    probability: float  # of the predicted class
+
+    def word_relevance(self) -> list[tuple[str, float]]:
+        """``(word, relevance)`` per word of the text read, its tokens' relevance summed."""
+        totals: dict[int, float] = {}
+        for k, word in enumerate(self.encoded.words):
+            if word is not None:
+                totals[word] = totals.get(word, 0.0) + float(self.relevance[k])
+        starts = {word: k for k, word in reversed(list(enumerate(self.encoded.words))) if word is not None}
+        ends = {word: k for k, word in enumerate(self.encoded.words) if word is not None}
+        text, spans = self.encoded.text, self.encoded.spans
+        return [(text[spans[starts[w]][0]:spans[ends[w]][1]], totals[w]) for w in sorted(totals)]
+
+    def html(self, merge: bool = True) -> str:
+        """The token heatmap (:func:`lrp.token_html`), pieces merged into words unless ``merge=False``."""
+        from .visualize import token_html
+        return token_html(self.encoded.tokens, self.relevance, merge=merge, words=self.encoded.words)
+
+
+def explain_text(text: str, target: Union[None, int, str] = None, *, composite: Any = "epsilon",
+                 model: Optional[SpamNet] = None, tokenizer: Any = None,
+                 mail: Optional[bool] = None) -> SpamExplanation:
+    """Explain the spam model's decision about ``text`` (a raw e-mail or plain text, see :func:`encode`) for the
+    predicted class, or ``target`` (0/1 or ``"ham"``/``"spam"``)."""
+    from .explain import explain
+    if model is None:
+        model, tokenizer = spam()
+    enc = encode(text, tokenizer, mail=mail)
+    if isinstance(target, str):
+        if target not in SPAM_CLASSES:
+            raise ValueError(f"target must be one of {SPAM_CLASSES} or 0/1, got {target!r}")
+        target = SPAM_CLASSES.index(target)
+    res = explain(model, enc.ids, target=target, composite=composite)
+    probabilities = torch.softmax(res.output.detach()[0].float(), 0)
+    predicted = int(probabilities.argmax())
+    explained = int(res.target[0]) if res.target is not None else predicted
+    return SpamExplanation(enc, res.relevance[0].detach(), SPAM_CLASSES[explained],
+                           SPAM_CLASSES[predicted], float(probabilities[predicted]))
