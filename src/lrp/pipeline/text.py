@@ -23,6 +23,7 @@ import torch
 from ..composites import COMPOSITES, Composite, composite
 from ..errors import InputError, ModelError, TargetError
 from ..explain import Explainer
+from ..language import NextToken
 from ..visualize import COLORMAPS, _token_units, token_html, token_words
 from .models import check_device, read_classes
 from .pipeline import needs_bounds, parse_target
@@ -66,12 +67,13 @@ class TextModel(torch.nn.Module):
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.model: Any = model  # a transformers PreTrainedModel
         self.kind = kind
+        self.next_token = None if kind == "classifier" else NextToken(model)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones_like(ids)  # one text, no padding: every token is attended to
-        if self.kind == "classifier":
-            return self.model(input_ids=ids, attention_mask=mask).logits
-        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        # one text, no padding: every token is attended to (no mask needed)
+        if self.next_token is None:
+            return self.model(input_ids=ids).logits
+        return self.next_token(ids)
 
 
 def _folder(spec: str) -> Path:
