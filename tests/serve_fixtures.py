@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -85,3 +86,69 @@ def slow() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(WaitOnBright(), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(2 * 8 * 8, 2)).eval()
+
+
+TEXT_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def text_checkpoints(root) -> dict:
+    """Two tiny random Hugging Face checkpoints saved under ``root`` with a byte-level BPE tokenizer trained here
+    (needs transformers): ``{"classifier": folder of a 3-class BERT, "causal-lm": folder of a Llama}``. Texts
+    longer than 64 tokens do not fit them."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = ["the film was good and the actors were great", "a bad plot and a dull ending",
+              "nothing special happens in this one", "free money now, click here to win a prize"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<unk>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                                     unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, max_position_embeddings=64, pad_token_id=3)
+    found = {
+        "classifier": transformers.BertForSequenceClassification(transformers.BertConfig(
+            num_labels=3, id2label=TEXT_LABELS, label2id={v: k for k, v in TEXT_LABELS.items()}, **sizes)),
+        "causal-lm": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_key_value_heads=1, bos_token_id=0, eos_token_id=1, **sizes)),
+    }
+    folders = {}
+    for kind, model in found.items():
+        folder = Path(root) / kind
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[kind] = folder
+    return folders
+
+
+# A text model that holds texts with HOLD in them until the test opens the gate: an answer still on its way, for as
+# long as the test needs (to check that the page does not show it once the text has changed).
+HOLD = "[hold]"
+TEXT_ENTERED = threading.Event()
+TEXT_GATE = threading.Event()
+TEXT_DONE = threading.Event()
+
+
+def held_spam():
+    """The spam model as ``lrp serve`` serves it, except that a text with ``HOLD`` in it waits for ``TEXT_GATE``
+    (at most 60 s) before it is explained; ``TEXT_DONE`` is set when that answer is ready."""
+    from lrp.web.text_service import ServedText
+
+    class Held(ServedText):
+        def explain(self, request):
+            if HOLD not in request.text:
+                return super().explain(request)
+            TEXT_ENTERED.set()
+            TEXT_GATE.wait(60)
+            try:
+                return super().explain(request)
+            finally:
+                TEXT_DONE.set()
+
+    return Held.load("spam")

@@ -127,8 +127,10 @@ def test_encode(loaded):
     _, tok = loaded
     enc = S.encode(RAW, tok)
     assert enc.text == mail.mail_text(RAW)
-    ids, tokens, words = enc
+    ids, tokens, words = enc.tensor(), enc.tokens, enc.words
     assert ids.dtype == torch.long and ids.shape == (1, len(tokens)) == (1, len(words)) == (1, len(enc.spans))
+    assert enc.ids == ids[0].tolist() and len(enc) == len(tokens) and not any(enc.special)
+    assert enc.pieces == [enc.text[a:b] for a, b in enc.spans]
     assert tok.decode(ids[0].tolist()).strip() == enc.text
     assert S.token_strings(ids, tok) == tokens
     spans = [s for k, s in enumerate(enc.spans) if k == 0 or s != enc.spans[k - 1]]  # "é" is two tokens, one span
@@ -137,7 +139,7 @@ def test_encode(loaded):
     plain = S.encode("Dear friend, you won!", tok, mail=False)
     assert plain.text == "Dear friend, you won!" and not plain.truncated
     long = S.encode("spam " * 2000, tok)
-    assert long.ids.shape[1] == S.SPAM_MAX_TOKENS and long.truncated
+    assert len(long) == S.SPAM_MAX_TOKENS and long.truncated
     html = token_html(enc.tokens, torch.ones(len(enc.tokens)), merge=True, words=enc.words)
     assert "café" in html
 
@@ -146,7 +148,7 @@ def test_explain_conserves_and_ignores_padding(loaded):
     model, tok = loaded
     texts = [m.text for m in S.spam_examples()[:4]] + ["Hi, lunch tomorrow?"]
     ids, encs = S.encode_batch(texts, tok)
-    lengths = [e.ids.shape[1] for e in encs]
+    lengths = [len(e) for e in encs]
     assert ids.shape == (len(texts), max(lengths)) and min(lengths) < max(lengths)
     for composite in ("epsilon-plus-flat", "epsilon"):
         res = lrp.explain(model, ids, target=1, composite=composite)
@@ -155,7 +157,7 @@ def test_explain_conserves_and_ignores_padding(loaded):
         assert torch.allclose(res.relevance.sum(1), res.logits[:, 1], rtol=1e-4, atol=1e-5)
         for k, (enc, n) in enumerate(zip(encs, lengths)):
             assert torch.count_nonzero(res.relevance[k, n:]) == 0  # padding gets nothing
-            alone = lrp.explain(model, enc.ids, target=1, composite=composite)
+            alone = lrp.explain(model, enc.tensor(), target=1, composite=composite)
             assert torch.allclose(alone.logits, res.logits[k:k + 1], atol=1e-5)
             assert torch.allclose(alone.relevance[0], res.relevance[k, :n], atol=1e-5)
     ham = lrp.explain(model, ids, target=0, composite="epsilon")
@@ -165,23 +167,31 @@ def test_explain_conserves_and_ignores_padding(loaded):
 
 
 def test_one_call_explains_a_text_for_the_predicted_or_a_named_class():
+    from lrp.errors import TargetError
     from lrp.spam import explain_text, spam_examples
 
     mail = next(m for m in spam_examples() if m.label == 1)
     res = explain_text(mail.text)
-    assert res.predicted == res.explained == "spam" and res.probability > 0.5
+    assert res.predicted_label == res.explained == "spam" and res.probability > 0.5
     assert res.relevance.shape == (len(res.encoded.tokens),) and torch.isfinite(res.relevance).all()
     model, tok = lrp.models.spam()
-    logits = model(res.encoded.ids)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([res.encoded.ids]))[0]
+    assert res.score == pytest.approx(float(logits[1]), rel=1e-5)
     # no biases: the tokens' relevance adds up to the explained logit (epsilon's stabiliser aside)
-    torch.testing.assert_close(res.relevance.sum(), logits[1].detach(), rtol=1e-3, atol=1e-4)
-    ham = explain_text(mail.text, target="ham", model=model, tokenizer=tok)
-    assert ham.explained == "ham" and ham.predicted == "spam"
+    torch.testing.assert_close(res.relevance.sum(), logits[1], rtol=1e-3, atol=1e-4)
+    direct = lrp.explain(model, torch.tensor([res.encoded.ids]), target=1, composite="epsilon")
+    torch.testing.assert_close(res.relevance, direct.relevance[0], rtol=1e-5, atol=1e-7)
+    ham = explain_text(mail.text, target="ham")
+    assert ham.explained == "ham" and ham.predicted_label == "spam" and ham.opposite == "spam"
     torch.testing.assert_close(ham.relevance, -res.relevance, rtol=1e-5, atol=1e-7)
-    words = res.word_relevance()
+    words = res.words()
     in_words = sum(float(r) for r, w in zip(res.relevance, res.encoded.words) if w is not None)  # not white space
-    assert words and abs(sum(r for _, r in words) - in_words) < 1e-4
-    assert all(word.strip() and word in res.encoded.text for word, _ in words[:20])
-    assert "<span" in res.html() and len(res.html(merge=False)) > len(res.html())
-    with pytest.raises(ValueError, match="ham"):
-        explain_text(mail.text, target="eggs", model=model, tokenizer=tok)
+    assert words and abs(sum(r for _, r, _ in words) - in_words) < 1e-4
+    assert all(word.strip() and word in res.encoded.text for word, _, _ in words[:20])
+    for word, value, positions in words[:20]:  # a word's relevance is its tokens'
+        assert value == pytest.approx(float(res.relevance[positions].sum()), abs=1e-6)
+        assert "".join(res.encoded.piece(k) for k in positions).strip() == word
+    assert "<span" in res.token_html(merge=True) and len(res.token_html()) > len(res.token_html(merge=True))
+    with pytest.raises(TargetError, match="ham"):
+        explain_text(mail.text, target="eggs")

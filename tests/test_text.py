@@ -205,9 +205,9 @@ def test_a_checkpoint_that_cannot_be_used_is_exit_2_with_the_way_out_and_nothing
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "mnist", "--text", "hi"], "need a text model: --model hf:DIR"),
+    (["--model", "mnist", "--text", "hi"], "need a text model: --model spam"),
     (["--model", "hf:{llama}", "--text", "hi", "--size", "64"], "--size applies to images and arrays"),
-    (["--model", "hf:{llama}"], "give the text to explain"),
+    (["--model", "hf:{llama}"], "give the texts to explain"),
     (["--model", "hf:{llama}", "--text", "hi", "--composite", "epsilon-gamma-box"], "token ids have none"),
     (["--model", "hf:{llama}", "--text", "hi", "--target", "cat mat sat"], "is 3 tokens for this tokenizer"),
     (["--model", "hf:{llama}", "--text", "hi", "--target", "100000"], "token id 100000 is out of range"),
@@ -263,10 +263,12 @@ def test_python_api_and_a_progress_bar_that_follows_the_layers(checkpoints):
 
 def test_the_python_example_in_docs_text_md_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parent.parent / "docs" / "text.md").read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "docs/text.md", "exec"), namespace)
     assert namespace["outcome"].explained == "' the'"
+    spam = namespace["spam"]  # the spam model's example: no biases, so the relevance sums to the logit
+    assert spam.explained == "spam" and abs(float(spam.relevance.sum()) - spam.score) < 1e-4 * abs(spam.score) + 1e-5
     assert (tmp_path / "why.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")

@@ -10,6 +10,14 @@ from typing import Optional, Sequence
 
 # what `lrp evaluate` compares by default: the composites that differ on the layers of a CNN, and every baseline
 EVALUATE_COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "layered", "epsilon-alpha2-beta1", "lrp0")
+RANDOMISE = ("epsilon-plus-flat", "epsilon-gamma-box", "gradient")  # put through the randomisation check
+IMAGE_REMOVALS = ("blur", "uniform", "zero", "mean")  # what removed pixels become
+TEXT_REMOVALS = ("mask", "delete")  # how removed tokens go
+
+
+def _text_methods() -> list[str]:
+    from .evaluate.tokens import DEFAULT_TEXT_METHODS
+    return list(DEFAULT_TEXT_METHODS)
 
 
 class CommandError(Exception):
@@ -49,16 +57,13 @@ def _device(spec: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .pipeline.text import is_hf_spec
-    if any(is_hf_spec(group.get("model")) for group in args.served or []):
-        raise CommandError("lrp serve serves image models; explain a text model (hf:DIR) with lrp explain "
-                           "--model hf:DIR --text \"...\"")
     from .web import missing_dependencies
     missing = missing_dependencies()
     if missing:
         raise CommandError(f"lrp serve needs {', '.join(missing)}: pip install 'lrp[web]'")
     from .web.server import serve
-    serve(args.served or [{}], host=args.host, port=args.port, threads=args.threads, device=args.device)
+    # no --model: mnist and spam (preprocessing options alone apply to mnist)
+    serve(args.served or [], host=args.host, port=args.port, threads=args.threads, device=args.device)
     return 0
 
 
@@ -124,42 +129,52 @@ IMAGE_OPTIONS = (("--weights", None), ("--size", None), ("--crop", None), ("--me
 
 
 def _explain_text(args: argparse.Namespace) -> int:
-    """``lrp explain --model hf:DIR --text ...``: an HTML token heatmap and a CSV per text."""
+    """``lrp explain --model spam|hf:DIR`` with files, folders, ``--text`` or ``--text-file``: an HTML token
+    heatmap and a CSV per text, and ``summary.csv``."""
     from tqdm import tqdm
 
     from .errors import InputError, RuleError, UnsupportedOperationError, one_line
-    from .pipeline.text import (TextPipeline, failed_row, is_hf_spec, read_texts, summary_row, text_composite,
-                                write, write_summary)
+    from .pipeline.text import (TextPipeline, expand_text_inputs, failed_row, is_text_spec, read_text_file,
+                                read_texts, summary_row, text_composite, write, write_summary)
 
-    if not is_hf_spec(args.model):
-        raise CommandError(f"--text and --text-file need a text model: --model hf:DIR (a local Hugging Face "
-                           f"checkpoint folder with its tokenizer), not {args.model!r}")
-    if args.inputs:
-        raise CommandError(f"a text model reads text: give it with --text \"...\" or --text-file FILE (one text "
-                           f"per line), not as input files ({args.inputs[0]})")
+    if not is_text_spec(args.model):
+        raise CommandError(f"--text and --text-file need a text model: --model spam (the built-in spam classifier) "
+                           f"or --model hf:DIR (a local Hugging Face checkpoint folder with its tokenizer), not "
+                           f"{args.model!r}")
     for flag, unset in IMAGE_OPTIONS:
         if getattr(args, flag[2:].replace("-", "_")) != unset:
-            raise CommandError(f"{flag} applies to images and arrays, not to text (--model hf:DIR)")
-    if not args.text and not args.text_file:
-        raise CommandError(f"give the text to explain: lrp explain --model {args.model} --text \"...\" (several "
-                           f"--text, or --text-file FILE with one text per line)")
+            raise CommandError(f"{flag} applies to images and arrays, not to text (--model {args.model})")
+    if not args.text and not args.text_file and not args.inputs:
+        raise CommandError(f"give the texts to explain: lrp explain FILE_OR_FOLDER --model {args.model} (.txt and "
+                           f".eml files: one text each), --text \"...\" (repeat for several) or --text-file FILE "
+                           f"(one text per line)")
     from .visualize import COLORMAPS
     if args.cmap not in COLORMAPS:
         raise CommandError(f"unknown colour map {args.cmap!r}; choose one of {', '.join(COLORMAPS)}")
-    texts = read_texts(args.text, args.text_file)  # InputError: exit 2, nothing written
+    # (source, text, stem) to explain, or (source, "", reason) for a file that cannot be read
+    texts: list = [(source, text, stem, None, None) for source, text, stem in read_texts(args.text, args.text_file)]
+    files = expand_text_inputs(args.inputs)
+    if args.inputs and not files:
+        raise CommandError(f"no .txt or .eml files in {', '.join(args.inputs)}")
+    for path in files:
+        read = read_text_file(path)
+        texts.append((read.source, read.text, path.stem, read.error, False if read.parsed else None))
     comp = text_composite(args.composite)
     pipeline = TextPipeline.load(args.model, device=args.device, classes=args.classes)
-    target = pipeline.target(args.target)
+    target = pipeline.target(args.target if args.target is not None else pipeline.default_target)
+    merge = args.merge_words if args.merge_words is not None else pipeline.merge_words
     out = Path(args.out)
     rows: list = []
-    used: set = set()
+    used: set = {"summary"}  # summary.csv is the summary's
     explained = 0
     many = len(texts) > 3
     with tqdm(total=len(texts), desc="explaining", unit="text", disable=None if many else True,
               file=sys.stderr) as bar:
-        for source, text, stem in texts:
+        for source, text, stem, error, mail in texts:
             try:
-                encoded = pipeline.encode(text)
+                if error is not None:
+                    raise InputError(f"{source}: {error}")
+                encoded = pipeline.encode(text, mail=mail)
                 # a text of LONG_INPUT tokens or more gets a bar of its own, layer by layer
                 outcome = pipeline.explain(encoded, target, comp, source=source, position=1 if many else 0)
             except (UnsupportedOperationError, RuleError) as exc:  # the model, not this text: the same for all
@@ -178,7 +193,7 @@ def _explain_text(args: argparse.Namespace) -> int:
                 k += 1
                 name = f"{stem}_{k}"
             used.add(name)
-            write(outcome, out, name, merge=args.merge_words, cmap=args.cmap)
+            write(outcome, out, name, merge=merge, cmap=args.cmap)
             rows.append(summary_row(outcome, name))
             explained += 1
             bar.update(1)
@@ -196,12 +211,12 @@ def _explain(args: argparse.Namespace) -> int:
     from .errors import ModelError, TargetError, one_line
     from .pipeline import expand_inputs
     from .pipeline.outputs import failed_row, summary_row, write, write_summary
-    from .pipeline.text import is_hf_spec
+    from .pipeline.text import is_text_spec
 
-    if is_hf_spec(args.model) or args.text or args.text_file:
+    if is_text_spec(args.model) or args.text or args.text_file:
         return _explain_text(args)
-    if args.merge_words:
-        raise CommandError("--merge-words applies to text (--model hf:DIR --text ...)")
+    if args.merge_words is not None:
+        raise CommandError("--merge-words applies to text (--model spam or hf:DIR)")
     if not args.inputs:
         raise CommandError("give the inputs to explain: image files, folders or .npy/.npz arrays (or, for a text "
                            "model, --model hf:DIR --text \"...\")")
@@ -310,11 +325,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import report
     from .evaluate.features import Regions
     from .pipeline import composite_names
-    from .pipeline.text import is_hf_spec
+    from .pipeline.text import SPAM_SPEC, is_hf_spec
 
+    if args.model == SPAM_SPEC:
+        return _evaluate_spam(args)
     if is_hf_spec(args.model):
-        raise CommandError("lrp evaluate works on images and arrays; explain a text model (hf:DIR) with lrp explain "
-                           "--model hf:DIR --text \"...\"")
+        raise CommandError("lrp evaluate works on images, arrays and the built-in spam model (--model spam); "
+                           "explain a text model (hf:DIR) with lrp explain --model hf:DIR --text \"...\"")
+    text_removals = [r for r in args.replace or [] if r in TEXT_REMOVALS]
+    if text_removals:
+        raise CommandError(f"--replace {text_removals[0]} removes tokens (--model spam); images and arrays take "
+                           f"{', '.join(IMAGE_REMOVALS)}")
+    args.methods = args.methods or [*EVALUATE_COMPOSITES, *baselines.METHODS]
+    args.randomise = list(RANDOMISE) if args.randomise is None else args.randomise
+    args.limit = 300 if args.limit is None else args.limit
+    args.steps = 50 if args.steps is None else args.steps
+    args.replace = args.replace or ["blur"]
+    args.batch_size = 256 if args.batch_size is None else args.batch_size
     pipeline = _pipeline(args)
     x, masks, source, kind = _evaluation_inputs(args, pipeline)
     data_range = (float(x.min()), float(x.max()))
@@ -358,6 +385,78 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _video(args: argparse.Namespace) -> int:
+    """``lrp video INPUT --model SPEC --out OUT.mp4``: every frame (or every --every-th) explained in batches and
+    written back with its heatmap (src/lrp/video.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("av") is None:
+        raise CommandError("lrp video needs PyAV (it bundles FFmpeg; no ffmpeg program is needed): "
+                           "pip install 'lrp[video]'")
+    from .pipeline.text import is_text_spec
+    from .video import OUTPUT_FORMATS, VideoReader, check_output, default_threads, explain_video
+
+    if is_text_spec(args.model):
+        raise CommandError(f"lrp video explains pictures; --model {args.model} is a text model")
+    if args.every < 1:
+        raise CommandError(f"--every {args.every}: give 1 (explain every frame) or more")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CommandError(f"--batch-size {args.batch_size}: give 1 or more")
+    if args.threads is not None and args.threads < 1:
+        raise CommandError(f"--threads {args.threads}: give 1 or more")
+    source = Path(args.input)
+    suffix = source.suffix.lower() if source.suffix.lower() in OUTPUT_FORMATS else ".mp4"
+    out = Path(args.out) if args.out else Path(f"{source.stem}_lrp{suffix}")
+    check_output(out)
+    composite = args.composite or "epsilon-plus-flat"
+    reader = VideoReader(source)  # a missing or broken video stops here, before the model loads
+    try:
+        pipeline = _pipeline(args)
+        threads = args.threads or default_threads(pipeline.model)
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        comp, note = pipeline.composite(composite, kind="image", maxpool=args.maxpool, low=args.low, high=args.high)
+        if note:
+            _note(f"{composite}: {note}")
+        summary = explain_video(pipeline, reader, out, comp, args.target, every=args.every,
+                                batch_size=args.batch_size, layout=args.layout, cmap=args.cmap, note=_note)
+    finally:
+        reader.close()
+    print(summary.line())
+    return 0
+
+
+def _evaluate_spam(args: argparse.Namespace) -> int:
+    """``lrp evaluate --model spam``: token deletion on held-out mails (:func:`lrp.evaluate.text_report.run_spam`)."""
+    from .evaluate.text_report import run_spam
+
+    given = [flag for flag, value in (("inputs", args.inputs), ("--masks", args.masks), ("--weights", args.weights),
+                                      ("--randomise", args.randomise), ("--patch", args.patch != 1),
+                                      ("--maxpool", args.maxpool != "max"), ("--size", args.size),
+                                      ("--crop", args.crop), ("--mean", args.mean), ("--std", args.std),
+                                      ("--grayscale", args.grayscale), ("--invert", args.invert),
+                                      ("--low", args.low), ("--high", args.high)) if value]
+    if given:
+        raise CommandError(f"{given[0]} does not apply to --model spam: it is evaluated on its own held-out mails "
+                           f"by token deletion (options: --methods, --limit, --steps, --replace mask delete, "
+                           f"--score, --batch-size)")
+    image_removals = [r for r in args.replace or [] if r in IMAGE_REMOVALS]
+    if image_removals:
+        raise CommandError(f"--replace {image_removals[0]} is for pixels; tokens are removed by mask (replaced by "
+                           f"padding, which the model ignores) or delete (dropped, the gap closed)")
+    if args.device != "cpu":
+        _note("the spam model is small: it is evaluated on the CPU")
+    settings = {key: value for key, value in (("limit", args.limit), ("steps", args.steps), ("removal", args.replace),
+                                              ("batch_size", args.batch_size)) if value is not None}  # else run_spam's
+    try:
+        run_spam(args.out, methods=args.methods, score=args.score, command="lrp " + shlex.join(args.argv),
+                 log=lambda line: print(line, file=sys.stderr), **settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
 def _preprocessing_help() -> str:
     from .pipeline import DEFAULT_PREPROCESSING
     lines = ["default preprocessing of images, by --model:"]
@@ -375,7 +474,7 @@ def _preprocessing_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import baselines
     from .pipeline import MODEL_SPECS, composite_names
-    from .pipeline.text import HF_SPEC
+    from .pipeline.text import HF_SPEC, TEXT_SPECS
 
     parser = argparse.ArgumentParser(prog="lrp", description="Layer-wise Relevance Propagation for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -384,13 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="lrp-demo", help="output folder (default: lrp-demo)")
     demo.set_defaults(func=_demo)
 
-    sv = sub.add_parser("serve", help="a web page to draw digits or upload images and see why; a JSON API",
-                        description="Serve a web app: draw a digit or upload an image, see the prediction and "
-                                    "its explanation; POST /api/explain for programs (docs at /docs). "
-                                    "--weights, --classes and the preprocessing options apply to the --model "
-                                    "they follow.")
+    sv = sub.add_parser("serve", help="a web page to draw digits, upload images or type texts and see why; a JSON "
+                                      "API",
+                        description="Serve a web app: draw a digit, upload an image or type a text, see the "
+                                    "prediction and its explanation; POST /api/explain for programs (docs at "
+                                    "/docs). --weights, --classes and the preprocessing options apply to the "
+                                    "--model they follow.")
     sv.add_argument("--model", action=_ServeOption, dest="model", metavar="SPEC",
-                    help=f"{MODEL_SPECS}; default mnist; repeat to serve several")
+                    help=f"{MODEL_SPECS}; or a text classifier: spam (built in) or hf:DIR (a local Hugging Face "
+                         f"...ForSequenceClassification checkpoint); default: mnist and spam; repeat to serve "
+                         f"several")
     sv.add_argument("--weights", action=_ServeOption, help="a state dict for the --model before it")
     sv.add_argument("--classes", action=_ServeOption, help="text file with one class name per line")
     sv.add_argument("--size", type=int, action=_ServeOption, help="resize images: shorter side in pixels")
@@ -413,18 +515,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "tile per band) for cubes and many-channel inputs, <name>_features.png (a bar "
                                     "per feature) for vectors; and summary.csv with a row per input (prediction, "
                                     "explained class and score, relevance sum, status: ok or why it failed). "
-                                    "Texts (--model hf:DIR --text ...) get <name>.html (a token heatmap) and "
-                                    "<name>.csv (a row per token: position, id, piece, text, word, relevance).",
+                                    "Texts (--model spam or hf:DIR: .txt/.eml files, folders, --text) get "
+                                    "<name>.html (a token heatmap) and <name>.csv (a row per token: position, id, "
+                                    "piece, text, word, relevance).",
                         epilog=_preprocessing_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ex.add_argument("inputs", nargs="*", help="image files, folders (searched recursively), .npy/.npz arrays")
-    ex.add_argument("--model", default="mnist", help=f"{MODEL_SPECS}, or {HF_SPEC}")
+    ex.add_argument("inputs", nargs="*", help="image files, folders (searched recursively), .npy/.npz arrays; for "
+                                              "a text model: text files, .eml mails, folders (their .txt and .eml)")
+    ex.add_argument("--model", default="mnist", help=f"{MODEL_SPECS}; or a text model: {TEXT_SPECS}, {HF_SPEC}")
     ex.add_argument("--text", action="append", metavar="TEXT",
-                    help="a text to explain with --model hf:DIR; repeat for several")
+                    help="a text to explain with a text model (spam, hf:DIR); repeat for several")
     ex.add_argument("--text-file", action="append", metavar="FILE",
                     help="texts to explain, one per line (blank lines skipped; - reads standard input)")
-    ex.add_argument("--merge-words", action="store_true",
+    ex.add_argument("--merge-words", action=argparse.BooleanOptionalAction, default=None,
                     help="text: show words in the HTML, with the relevance of their subword pieces summed "
-                         "(the CSV keeps one row per token, with its word)")
+                         "(the CSV keeps one row per token, with its word); default: words for --model spam, "
+                         "tokens for hf:DIR")
     ex.add_argument("--weights", help="a state dict for the model (a fine-tuned head of another size is fine)")
     ex.add_argument("--composite", choices=composite_names(), metavar="NAME",
                     help=f"{', '.join(composite_names())} (default: epsilon-plus-flat; for text: epsilon)")
@@ -434,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "preprocessing; arrays: their maximum)")
     ex.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
     ex.add_argument("--target", help="class to explain: 'pred' (default), an index, or a name from --classes "
-                                     "(a text classifier's own label names too); for a language model the next "
-                                     "token: a token such as ' Paris' or a token id")
+                                     "(a text classifier's own label names too; --model spam: ham or spam, "
+                                     "default spam, so that red is spam and blue is ham); for a language model "
+                                     "the next token: a token such as ' Paris' or a token id")
     ex.add_argument("--classes", help="text file with one class name per line")
     ex.add_argument("--size", type=int, help="resize images so the shorter side has this many pixels (0: no "
                                              "resizing; default: see below)")
@@ -462,16 +568,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "half = inside; arrays: nonzero = inside; resized and cropped as the inputs); "
                                     "adds pointing game, relevance mass and rank accuracy")
     ev.add_argument("--weights", help="a state dict for the model")
-    ev.add_argument("--methods", nargs="+", default=[*EVALUATE_COMPOSITES, *baselines.METHODS],
-                    help="composites and baselines to compare (default: %(default)s)")
-    ev.add_argument("--randomise", nargs="*", default=["epsilon-plus-flat", "epsilon-gamma-box", "gradient"],
-                    help="methods to put through the randomisation check (default: %(default)s; none to skip)")
+    ev.add_argument("--methods", nargs="+",
+                    help=f"composites and baselines to compare (default: {' '.join(EVALUATE_COMPOSITES)} "
+                         f"{' '.join(baselines.METHODS)}; --model spam: {' '.join(_text_methods())})")
+    ev.add_argument("--randomise", nargs="*",
+                    help=f"methods to put through the randomisation check (default: {' '.join(RANDOMISE)}; none "
+                         f"to skip; images and arrays)")
     ev.add_argument("--randomisation-samples", type=int, default=16, help="inputs for the randomisation check")
-    ev.add_argument("--limit", type=int, default=300, help="evaluate on at most this many inputs (default 300)")
-    ev.add_argument("--steps", type=int, default=50, help="perturbation steps (default 50)")
+    ev.add_argument("--limit", type=int, help="evaluate on at most this many inputs (default 300; --model spam: "
+                                              "200 held-out mails, spread over ham and spam)")
+    ev.add_argument("--steps", type=int, help="perturbation steps (default 50; --model spam: 10)")
     ev.add_argument("--patch", type=int, default=1, help="region size in pixels (default 1: pixel flipping)")
-    ev.add_argument("--replace", nargs="+", default=["blur"], choices=["blur", "uniform", "zero", "mean"],
-                    help="what removed pixels become (default: blur); several give one table each")
+    ev.add_argument("--replace", nargs="+", choices=[*IMAGE_REMOVALS, *TEXT_REMOVALS],
+                    help="what removed pixels become: blur (default), uniform, zero, mean; for --model spam how "
+                         "tokens are removed: mask (replaced by padding, which the model ignores) and delete "
+                         "(dropped, the gap closed), both by default; several give one table each")
     ev.add_argument("--score", choices=["logit", "probability"], default="logit",
                     help="score tracked while removing: the explained logit (default) or its softmax probability")
     for flag, kwargs in (("--size", dict(type=int)), ("--crop", dict(type=int)),
@@ -480,10 +591,54 @@ def build_parser() -> argparse.ArgumentParser:
                          ("--low", dict(type=float)), ("--high", dict(type=float))):
         ev.add_argument(flag, help="as for lrp explain", **kwargs)
     ev.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
-    ev.add_argument("--batch-size", type=int, default=256, help="perturbed inputs per forward pass")
+    ev.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default 256; --model spam: "
+                                                   "mails explained together, 32)")
     ev.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     ev.add_argument("--out", default="lrp-eval", help="output folder (default: lrp-eval)")
     ev.set_defaults(func=_evaluate)
+
+    vd = sub.add_parser("video", help="explain a video frame by frame; writes it back with the heatmaps",
+                        description="Explain the frames of a video (mp4, mov, mkv, webm, avi, animated gif) in "
+                                    "batches and write a video with the same frame count, frame rate and size: "
+                                    "the heatmap over each frame (--layout overlay) or next to it (side-by-side). "
+                                    "Where the preprocessing crops, the heatmap covers the part the model saw and "
+                                    "the rest is darkened. The sound is not copied. The output is written to a "
+                                    "hidden file next to it and renamed at the end: a failed run leaves nothing. "
+                                    "Needs PyAV: pip install 'lrp[video]'.",
+                        epilog=_preprocessing_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    vd.add_argument("input", help="the video file")
+    vd.add_argument("--out", help="the output video; its suffix picks the format: .mp4, .mov, .mkv (H.264), .webm "
+                                  "(VP9), .avi (MPEG-4), .gif (default: <input name>_lrp.<its suffix, or mp4>, in "
+                                  "the current folder)")
+    vd.add_argument("--model", default="mnist", help=MODEL_SPECS)
+    vd.add_argument("--weights", help="a state dict for the model (a fine-tuned head of another size is fine)")
+    vd.add_argument("--classes", help="text file with one class name per line")
+    vd.add_argument("--target", help="class to explain in every frame: 'pred' (default: each frame's predicted "
+                                     "class), an index, or a name from --classes")
+    vd.add_argument("--composite", choices=composite_names(), metavar="NAME",
+                    help=f"{', '.join(composite_names())} (default: epsilon-plus-flat)")
+    vd.add_argument("--low", type=float, help="lowest input value for z^B (default: pixel 0 after the "
+                                              "preprocessing)")
+    vd.add_argument("--high", type=float, help="highest input value for z^B (default: pixel 1 after the "
+                                               "preprocessing)")
+    vd.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
+    for flag, kwargs in (("--size", dict(type=int)), ("--crop", dict(type=int)),
+                         ("--mean", dict(type=float, nargs="+")), ("--std", dict(type=float, nargs="+")),
+                         ("--grayscale", dict(action="store_true")), ("--invert", dict(action="store_true"))):
+        vd.add_argument(flag, help="as for lrp explain (applied to each frame)", **kwargs)
+    vd.add_argument("--every", type=int, default=1, metavar="N",
+                    help="explain every Nth frame; the frames in between show its heatmap (default: 1, all)")
+    vd.add_argument("--batch-size", type=int, help="frames explained together (default: 64 for models under 5 M "
+                                                   "parameters, such as mnist; else 16)")
+    vd.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    vd.add_argument("--threads", type=int, help="torch threads (default: 1 for models under 5 M parameters, such "
+                                                "as mnist; else torch's default, one per core)")
+    vd.add_argument("--layout", choices=["overlay", "side-by-side"], default="overlay",
+                    help="overlay: the heatmap blended over the frame (default); side-by-side: the frame, and the "
+                         "heatmap next to it (twice as wide)")
+    vd.add_argument("--cmap", default="bwr", choices=["bwr", "seismic", "coldnhot", "gray", "wred"],
+                    help="colour map (default: bwr: red for, blue against the class)")
+    vd.set_defaults(func=_video)
     return parser
 
 

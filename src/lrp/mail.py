@@ -239,13 +239,17 @@ def mail_text(raw: Union[str, bytes, Message], *, strip_lists: bool = True) -> s
 
 
 def looks_like_mail(text: str) -> bool:
-    """Whether ``text`` starts with RFC 5322 headers (``Name: value`` lines, a ``From`` line allowed first)."""
+    """Whether ``text`` starts with RFC 5322 headers (``Name: value`` lines, a ``From`` line allowed first): two
+    or more, or a lone ``Subject:`` line. One other header-like line is read as text: a parsed mail (subject,
+    blank line, body) whose subject starts like a header ("Date: Friday ...") is not parsed again."""
     head = text.lstrip().split("\n\n", 1)[0].split("\n")
     if head and head[0].startswith("From "):
         head = head[1:]
     fields = [ln for ln in head if ln and not ln[0].isspace()]
-    return bool(fields) and all(re.match(r"^[!-9;-~]+:", ln) for ln in fields) and any(
-        ln.lower().startswith(("subject:", "from:", "to:", "date:", "content-type:")) for ln in fields)
+    if not fields or not all(re.match(r"^[!-9;-~]+:", ln) for ln in fields):
+        return False
+    named = [ln.lower().startswith(("subject:", "from:", "to:", "date:", "content-type:")) for ln in fields]
+    return any(named) and (len(fields) >= 2 or fields[0].lower().startswith("subject:"))
 
 
 def as_text(text_or_mail: str, *, raw: Optional[bool] = None) -> str:

@@ -31,7 +31,7 @@ import gzip
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from .mail import as_text
+from .tokenized import Encoded, words_from_offsets
 
 SPAM_CLASSES = ("ham", "spam")  # class 0, class 1
 SPAM_MAX_TOKENS = 512  # tokens read per mail (subject first, then the body); the rest is cut off
@@ -172,57 +173,17 @@ def is_heldout(text: str) -> bool:
 
 # ----------------------------------------------------------------------------- text <-> ids
 
-@dataclass
-class Encoded:
-    """One text as the model reads it. ``ids`` ``(1, n)`` long; ``tokens`` the byte-level BPE pieces ("Ġ" is a
-    space, "Ċ" a line break: ``lrp.token_html`` shows them as text); ``spans`` each token's ``(start, end)`` in
-    ``text`` (leading spaces trimmed); ``words`` each token's word index (tokens not separated by white space
-    share a word; ``None`` for white space), for ``lrp.token_html(tokens, relevance, merge=True, words=...)``;
-    ``text`` the text tokenized (for a raw e-mail: its parsed subject and body); ``truncated``: whether
-    tokens beyond :data:`SPAM_MAX_TOKENS` were cut off. ``ids, tokens, words = encoded`` unpacks it."""
-
-    ids: Tensor
-    tokens: list[str]
-    words: list[Optional[int]]
-    spans: list[tuple[int, int]]
-    text: str
-    truncated: bool
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter((self.ids, self.tokens, self.words))
-
-    @property
-    def pieces(self) -> list[str]:
-        """Each token's text as it stands in ``text``."""
-        return [self.text[a:b] for a, b in self.spans]
-
-
-def _words(text: str, spans: Sequence[tuple[int, int]]) -> list[Optional[int]]:
-    """Word index per token: a token starts a word when white space (or the text's start) comes before it;
-    pieces of one character (byte-level BPE splits some characters) share its span and its word."""
-    words: list[Optional[int]] = []
-    word, end = -1, None
-    for a, b in spans:
-        if not text[a:b].strip():
-            words.append(None)
-            end = None
-            continue
-        if end is None or (a >= end and (a == 0 or text[a - 1].isspace())):
-            word += 1
-        words.append(word)
-        end = b if end is None else max(end, b)
-    return words
-
-
 def _encoded(enc: Any, text: str) -> Encoded:
     n = sum(enc.attention_mask)
-    spans = [tuple(s) for s in enc.offsets[:n]]
-    return Encoded(torch.tensor([enc.ids[:n]], dtype=torch.long), list(enc.tokens[:n]), _words(text, spans),
-                   spans, text, bool(enc.overflowing))
+    spans: list[Optional[tuple[int, int]]] = [(int(a), int(b)) for a, b in enc.offsets[:n]]
+    special = [False] * n  # the spam tokenizer adds no special tokens
+    return Encoded(text, list(enc.ids[:n]), list(enc.tokens[:n]), special, words_from_offsets(text, spans, special),
+                   spans, bool(enc.overflowing))
 
 
 def encode(text: str, tokenizer: Any = None, *, mail: Optional[bool] = None) -> Encoded:
-    """Token ids of one text for the spam model, with its tokens, words and character spans.
+    """One text as the spam model reads it: an :class:`lrp.tokenized.Encoded` (``ids``, ``tokens``, ``words``,
+    ``spans``, ``text``, ``truncated``; ``encoded.tensor()`` is the model's input ``(1, n)``).
 
     ``text``: plain text (read as it is) or a raw e-mail (parsed to subject and body by
     :func:`lrp.mail.mail_text`); ``mail=None`` decides by whether it starts with mail headers. ``tokenizer``:
@@ -238,7 +199,7 @@ def encode_batch(texts: Sequence[str], tokenizer: Any = None, *, mail: Optional[
     tok = tokenizer if tokenizer is not None else spam_tokenizer()
     texts = [as_text(t, raw=mail) for t in texts]
     encoded = [_encoded(e, t) for e, t in zip(tok.encode_batch(texts), texts)]
-    return _pad([e.ids[0].tolist() for e in encoded]), encoded
+    return _pad([e.ids for e in encoded]), encoded
 
 
 def _pad(rows: Sequence[Sequence[int]]) -> Tensor:
@@ -275,50 +236,18 @@ def spam_accuracy(model: Optional[nn.Module] = None, tokenizer: Any = None, mail
     return correct / max(len(mails), 1)
 
 
-@dataclass
-class SpamExplanation:
-    """Why the spam model decided as it did about one text: a relevance per token (``relevance``, shaped like
-    ``encoded.tokens``) for the class ``explained``; positive speaks for that class."""
-
-    encoded: Encoded
-    relevance: Tensor
-    explained: str
-    predicted: str
-    probability: float  # of the predicted class
-
-    def word_relevance(self) -> list[tuple[str, float]]:
-        """``(word, relevance)`` per word of the text read, its tokens' relevance summed."""
-        totals: dict[int, float] = {}
-        for k, word in enumerate(self.encoded.words):
-            if word is not None:
-                totals[word] = totals.get(word, 0.0) + float(self.relevance[k])
-        starts = {word: k for k, word in reversed(list(enumerate(self.encoded.words))) if word is not None}
-        ends = {word: k for k, word in enumerate(self.encoded.words) if word is not None}
-        text, spans = self.encoded.text, self.encoded.spans
-        return [(text[spans[starts[w]][0]:spans[ends[w]][1]], totals[w]) for w in sorted(totals)]
-
-    def html(self, merge: bool = True) -> str:
-        """The token heatmap (:func:`lrp.token_html`), pieces merged into words unless ``merge=False``."""
-        from .visualize import token_html
-        return token_html(self.encoded.tokens, self.relevance, merge=merge, words=self.encoded.words)
+@lru_cache(maxsize=4)
+def _pipeline(device: str) -> Any:
+    from .pipeline.text import TextPipeline
+    return TextPipeline.spam(device)
 
 
 def explain_text(text: str, target: Union[None, int, str] = None, *, composite: Any = "epsilon",
-                 model: Optional[SpamNet] = None, tokenizer: Any = None,
-                 mail: Optional[bool] = None) -> SpamExplanation:
-    """Explain the spam model's decision about ``text`` (a raw e-mail or plain text, see :func:`encode`) for the
-    predicted class, or ``target`` (0/1 or ``"ham"``/``"spam"``)."""
-    from .explain import explain
-    if model is None:
-        model, tokenizer = spam()
-    enc = encode(text, tokenizer, mail=mail)
-    if isinstance(target, str):
-        if target not in SPAM_CLASSES:
-            raise ValueError(f"target must be one of {SPAM_CLASSES} or 0/1, got {target!r}")
-        target = SPAM_CLASSES.index(target)
-    res = explain(model, enc.ids, target=target, composite=composite)
-    probabilities = torch.softmax(res.output.detach()[0].float(), 0)
-    predicted = int(probabilities.argmax())
-    explained = int(res.target[0]) if res.target is not None else predicted
-    return SpamExplanation(enc, res.relevance[0].detach(), SPAM_CLASSES[explained],
-                           SPAM_CLASSES[predicted], float(probabilities[predicted]))
+                 mail: Optional[bool] = None, device: str = "cpu") -> Any:
+    """Explain the built-in model's decision about ``text`` (a raw e-mail or plain text, see :func:`encode`) for
+    the predicted class, or ``target`` (0/1 or ``"ham"``/``"spam"``): a
+    :class:`~lrp.pipeline.text.TextOutcome` with a relevance per token (``relevance``, ``encoded.tokens``),
+    ``words()`` (each word's relevance: its tokens' summed), ``predicted_label``, ``probability`` and ``html()``.
+    Relevance for ham is exactly minus relevance for spam (:class:`SpamNet`'s opposite class rows)."""
+    pipeline = _pipeline(str(device))
+    return pipeline.explain(encode(text, pipeline.tokenizer, mail=mail), target, composite)

@@ -15,6 +15,7 @@ from .perturbation import REPLACEMENTS, Blur, PerturbationCurve, Uniform, pertur
 from .plots import plot_curves, plot_randomisation
 from .randomisation import RandomisationResult, parameter_layers, randomisation_check
 from .similarity import relative_l2, spearman, ssim
+from .tokens import TokenCurve, token_deletion_curve
 
 __all__ = [
     "perturbation_curve", "PerturbationCurve", "Blur", "Uniform", "REPLACEMENTS",
@@ -22,4 +23,5 @@ __all__ = [
     "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy",
     "sparseness", "entropy", "spearman", "ssim", "relative_l2",
     "compare", "Comparison", "DEFAULT_METHODS", "resolve_method", "plot_curves", "plot_randomisation",
+    "token_deletion_curve", "TokenCurve",
 ]

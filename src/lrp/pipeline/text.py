@@ -1,22 +1,24 @@
-"""Text models from a local Hugging Face checkpoint folder (``hf:DIR``): tokenize a text, explain one relevance
-per token, and write a token heatmap (``.html``) and a table (``.csv``).
+"""Text models: tokenize a text, explain one relevance per token, and write a token heatmap (``.html``) and a
+table (``.csv``).
 
-A folder saved with ``model.save_pretrained(DIR)`` and ``tokenizer.save_pretrained(DIR)`` is read with
-``local_files_only=True``: nothing is downloaded. The model class comes from ``config.architectures``: a
-``...ForSequenceClassification`` is explained at a class logit, a ``...ForCausalLM`` (``...LMHeadModel``) at the
-logit of a next token after the text's last position.
+Two kinds of model spec:
+
+- ``spam``: the built-in spam classifier (:mod:`lrp.spam`): it reads plain text or a raw e-mail (subject and
+  body), at most its first 512 tokens;
+- ``hf:DIR``: a local Hugging Face checkpoint folder, saved with ``model.save_pretrained(DIR)`` and
+  ``tokenizer.save_pretrained(DIR)`` and read with ``local_files_only=True``: nothing is downloaded. The model
+  class comes from ``config.architectures``: a ``...ForSequenceClassification`` is explained at a class logit, a
+  ``...ForCausalLM`` (``...LMHeadModel``) at the logit of a next token after the text's last position.
 """
 
 from __future__ import annotations
 
-import bisect
 import csv
 import html
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TextIO, Union
+from typing import Any, Callable, Optional, Sequence, TextIO, Union
 
 import torch
 
@@ -24,23 +26,34 @@ from ..composites import COMPOSITES, Composite, composite
 from ..errors import InputError, ModelError, TargetError
 from ..explain import Explainer
 from ..language import NextToken
+from ..tokenized import Encoded, words_from_offsets
 from ..visualize import COLORMAPS, _token_units, token_html, token_words
 from .models import check_device, read_classes
 from .pipeline import needs_bounds, parse_target
 
 HF_PREFIX = "hf:"
 HF_SPEC = "'hf:DIR' (a local Hugging Face checkpoint folder with its tokenizer; with --text)"
+SPAM_SPEC = "spam"  # the built-in spam classifier
+TEXT_SPECS = "spam (the built-in spam classifier: .txt and .eml files, folders, --text)"
 TEXT_COMPOSITE = "epsilon"  # the default composite for text: epsilon everywhere, AttnLRP in the attention
+MAX_EXPLAINERS = 8  # composites whose Explainer a pipeline keeps
+CMAP_ENDS = {"bwr": ("red", "blue"), "seismic": ("red", "blue"), "coldnhot": ("yellow", "cyan"),
+             "gray": ("white", "black")}  # the colours of positive and negative relevance
 LONG_INPUT = 512  # tokens: from this length one text gets a progress bar of its own (layer by layer)
 CSV_FIELDS = ("position", "token_id", "token", "text", "word", "special", "relevance")
 SUMMARY_FIELDS = ("input", "status", "predicted", "probability", "explained", "score", "relevance_sum", "tokens",
-                  "outputs", "text")
+                  "truncated", "outputs", "text")
 KINDS = {"classifier": "a text classifier", "causal-lm": "a causal language model (explained at the next token)"}
 
 
 def is_hf_spec(spec: Optional[str]) -> bool:
     """Whether a model spec names a Hugging Face checkpoint folder (``hf:DIR``)."""
     return isinstance(spec, str) and spec.startswith(HF_PREFIX)
+
+
+def is_text_spec(spec: Optional[str]) -> bool:
+    """Whether a model spec names a text model: ``spam`` or ``hf:DIR``."""
+    return spec == SPAM_SPEC or is_hf_spec(spec)
 
 
 def text_composite(name: Optional[str] = None) -> Composite:
@@ -148,56 +161,21 @@ def load_checkpoint(spec: str) -> tuple[Any, Any, str]:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
 
+def _max_positions(config: Any) -> Optional[int]:
+    """The longest input a Hugging Face model reads (its position embeddings), if its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- texts as tokens
-
-@dataclass
-class Encoded:
-    """A text as the model reads it: token ids, the tokenizer's pieces (with its marks: "Ġ", "▁", "##"), which
-    tokens are special, each token's word (words are what lies between spaces in the text; ``None`` for special
-    tokens and whitespace) and its characters in the text (``None`` where the tokenizer gives no offsets)."""
-
-    text: str
-    ids: list[int]
-    tokens: list[str]
-    special: list[bool]
-    words: list[Optional[int]]
-    spans: list[Optional[tuple[int, int]]]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def piece(self, k: int) -> str:
-        """The characters of the text token ``k`` was read from ("" for special tokens, or without offsets)."""
-        span = self.spans[k]
-        return "" if span is None or self.special[k] else self.text[span[0]:span[1]]
-
-
-def words_from_offsets(text: str, spans: Sequence[Optional[tuple[int, int]]],
-                       special: Sequence[bool]) -> list[Optional[int]]:
-    """Each token's word, from its characters in ``text``: the whitespace-separated word that holds the token's
-    first non-space character (``None``: special tokens, tokens that cover only whitespace or no characters)."""
-    starts, ends = [], []
-    for match in re.finditer(r"\S+", text):
-        starts.append(match.start())
-        ends.append(match.end())
-    words: list[Optional[int]] = []
-    for span, is_special in zip(spans, special):
-        if is_special or span is None or span[1] <= span[0]:
-            words.append(None)
-            continue
-        inner = re.search(r"\S", text[span[0]:span[1]])
-        if inner is None:
-            words.append(None)
-            continue
-        k = bisect.bisect_right(starts, span[0] + inner.start()) - 1
-        words.append(k if k >= 0 and span[0] + inner.start() < ends[k] else None)
-    return words
-
 
 def encode(tokenizer: Any, text: str) -> Encoded:
     """``text`` through ``tokenizer`` with its special tokens (``<s>``, ``[CLS]``...), as :class:`Encoded`."""
@@ -236,10 +214,25 @@ class TextOutcome:
     kind: str  # "classifier" or "causal-lm"
     model: str = ""
     composite: str = ""
+    probabilities: Optional[list[float]] = None  # of every class (classifiers)
+    opposite: Optional[str] = None  # the class whose relevance is exactly minus this one (the spam model's other)
 
     @property
     def relevance_sum(self) -> float:
         return float(self.relevance.sum())
+
+    def words(self) -> list[tuple[str, float, list[int]]]:
+        """``(word, relevance, token positions)`` per word of the text, in order, with the relevance of its tokens
+        summed (as ``--merge-words`` shows them). Special tokens and tokens of white space are in no word."""
+        e = self.encoded
+        units, _ = _token_units(e.tokens, self.relevance, merge=True, style="auto", special=e.special, words=e.words)
+        found, start = [], 0
+        for unit in units:
+            positions = list(range(start, start + len(unit.pieces)))
+            start += len(unit.pieces)
+            if unit.word is not None and not unit.special:
+                found.append((unit.text.strip(), unit.value, positions))
+        return found
 
     def rows(self) -> list[dict]:
         """One row per token: position, id, the tokenizer's piece, its text, word index, special, relevance."""
@@ -306,26 +299,43 @@ class _LayerProgress:
 
 @dataclass
 class TextPipeline:
-    """A text classifier or causal language model with its tokenizer: encodes texts and explains them."""
+    """A text model with its tokenizer: encodes texts and explains them. ``model`` maps token ids ``(1, n)`` to
+    scores ``(1, outputs)``: a classifier's class logits, or a causal language model's next-token logits."""
 
-    model: TextModel
+    model: torch.nn.Module
     tokenizer: Any
     name: str = ""
     labels: Optional[list[str]] = None  # class names (classifiers)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    kind: str = "classifier"  # or "causal-lm"
+    outputs: int = 0  # classes, or the vocabulary of a language model
+    max_tokens: Optional[int] = None  # the longest input the model reads
+    # (text, mail) -> tokens, mail: whether the text is a raw e-mail (None: decide); default: the Hugging Face
+    # tokenizer's, which reads every text as it is
+    reader: Optional[Callable[[str, Optional[bool]], Encoded]] = None
+    truncates: bool = False  # longer texts are cut to max_tokens (the spam model), not refused
+    opposite_classes: bool = False  # two classes with opposite logits: relevance for one is minus the other's
+    default_target: Optional[str] = None  # what lrp explain explains without --target (None: the prediction)
+    merge_words: bool = False  # whether lrp explain's pages show words (True) or tokens by default
+    accuracy: Optional[float] = None  # held-out accuracy, where known (the built-in model)
     _explainers: list = field(default_factory=list, init=False, repr=False)
 
     @classmethod
     def load(cls, spec: str, *, device: Union[str, torch.device] = "cpu",
              classes: Optional[str] = None) -> "TextPipeline":
-        """Load ``hf:DIR`` (or ``DIR``) onto ``device``; ``classes``: a file of class names (one a line) instead of
-        the checkpoint's ``id2label``. Raises :class:`~lrp.errors.ModelError`."""
+        """Load ``spam`` or ``hf:DIR`` (or ``DIR``) onto ``device``; ``classes``: a file of class names (one a
+        line) instead of the checkpoint's ``id2label``. Raises :class:`~lrp.errors.ModelError`."""
         device = torch.device(check_device(str(device)))
+        if spec == SPAM_SPEC:
+            if classes:
+                raise ModelError("--classes does not apply to the built-in spam model: its classes are ham and spam")
+            return cls.spam(device)
         hf_model, tokenizer, kind = load_checkpoint(spec)
+        config = hf_model.config
         labels = None
         if kind == "classifier":
-            count = int(hf_model.config.num_labels)
-            id2label = getattr(hf_model.config, "id2label", None) or {}
+            count = int(config.num_labels)
+            id2label = getattr(config, "id2label", None) or {}
             labels = [str(id2label.get(k, id2label.get(str(k), k))) for k in range(count)]
             if classes:
                 names = read_classes(classes)
@@ -336,32 +346,44 @@ class TextPipeline:
         elif classes:
             raise ModelError("--classes names a classifier's outputs; a causal language model's are its tokens "
                              "(give --target as a token or a token id)")
+        else:
+            count = int(hf_model.get_output_embeddings().weight.shape[0])
         model = TextModel(hf_model, kind).to(device)
         name = spec if is_hf_spec(spec) else f"{HF_PREFIX}{spec}"
-        return cls(model, tokenizer, name, labels, device)
+        return cls(model, tokenizer, name, labels, device, kind=kind, outputs=count,
+                   max_tokens=_max_positions(config))
 
-    @property
-    def kind(self) -> str:
-        return self.model.kind
+    @classmethod
+    def spam(cls, device: Union[str, torch.device] = "cpu") -> "TextPipeline":
+        """The built-in spam classifier (:func:`lrp.models.spam`): reads plain text or a raw e-mail (its subject
+        and body), at most its first :data:`~lrp.spam.SPAM_MAX_TOKENS` tokens. Without a target it explains
+        ``spam``: red words speak for spam, blue ones for ham (the two logits are opposite)."""
+        from .. import spam as spam_model
 
-    @property
-    def max_tokens(self) -> Optional[int]:
-        """The longest input the model reads (its position embeddings), if its config says."""
-        config = self.model.model.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        model, tokenizer = spam_model.spam()
+
+        def read(text: str, mail: Optional[bool] = None) -> Encoded:
+            return spam_model.encode(text, tokenizer, mail=mail)
+
+        return cls(model.to(device), tokenizer, SPAM_SPEC, list(spam_model.SPAM_CLASSES), torch.device(device),
+                   kind="classifier", outputs=len(spam_model.SPAM_CLASSES), max_tokens=spam_model.SPAM_MAX_TOKENS,
+                   reader=read, truncates=True, opposite_classes=True, default_target="spam", merge_words=True,
+                   accuracy=model.accuracy)
 
     @property
     def num_outputs(self) -> int:
-        if self.kind == "classifier":
-            return len(self.labels or ()) or int(self.model.model.config.num_labels)
-        return int(self.model.model.get_output_embeddings().weight.shape[0])
+        return self.outputs
 
-    def encode(self, text: str) -> Encoded:
-        return encode(self.tokenizer, text)
+    def encode(self, text: str, mail: Optional[bool] = None) -> Encoded:
+        """``text`` as the model reads it. The spam model reads a raw e-mail as its subject and body (``mail``:
+        whether ``text`` is one; ``None``: decided by its first lines); Hugging Face models read every text as it
+        is. Raises :class:`~lrp.errors.InputError` for a string that is not valid Unicode."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"the text holds {exc.object[exc.start:exc.end]!r} at character {exc.start}, which is "
+                             f"not a character (a lone surrogate); send valid Unicode text") from None
+        return self.reader(text, mail) if self.reader is not None else encode(self.tokenizer, text)
 
     def token_text(self, token_id: int) -> str:
         """A vocabulary token as the text it stands for."""
@@ -419,6 +441,7 @@ class TextPipeline:
         if found is None:
             found = Explainer(self.model, key if isinstance(key, Composite) else text_composite(key))
             self._explainers.append((key, found))
+            del self._explainers[:-MAX_EXPLAINERS]  # a new Composite object per call must not pile up
         return found
 
     def explain(self, text: Union[str, Encoded], target: Union[int, str, None] = None,
@@ -434,7 +457,7 @@ class TextPipeline:
         if n == 0:
             raise InputError(f"{source}: the text gives no tokens")
         limit = self.max_tokens
-        if limit is not None and n > limit:
+        if limit is not None and n > limit and not self.truncates:
             raise InputError(f"{source}: {n} tokens, but {self.name} reads at most {limit} "
                              f"(its position embeddings); shorten the text or split it")
         index = self.target(target)
@@ -452,7 +475,9 @@ class TextPipeline:
             float(res.start.detach().reshape(-1).sum()), predicted,
             self.label(predicted) if predicted is not None else "",
             float(probabilities[predicted]) if probabilities is not None and predicted is not None else None,
-            self.kind, self.name, explainer.composite.name or "")
+            self.kind, self.name, explainer.composite.name or "",
+            probabilities.tolist() if probabilities is not None and self.kind == "classifier" else None,
+            self.label(1 - explained) if self.opposite_classes and self.outputs == 2 else None)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -483,6 +508,66 @@ def read_texts(texts: Optional[Sequence[str]] = None, files: Optional[Sequence[s
     return found
 
 
+TEXT_SUFFIXES = (".txt", ".eml")  # what a folder is searched for
+
+
+@dataclass
+class TextFile:
+    """One input file read as one text (``text``), or why it cannot be (``error``)."""
+
+    source: str
+    text: str = ""
+    error: Optional[str] = None
+    parsed: bool = False  # an e-mail already parsed to subject and body (.eml): not to be parsed again
+
+
+def expand_text_inputs(paths: Sequence[Union[str, Path]]) -> list[Path]:
+    """Files as given (any name: a mail saved without a suffix too); folders recursively, their ``.txt`` and
+    ``.eml`` files, sorted. Missing paths are kept (reported when read)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        else:
+            files.append(p)
+    return files
+
+
+def read_text_file(path: Union[str, Path]) -> TextFile:
+    """A file as one text: ``.eml`` as an e-mail (its subject and plain-text body, :func:`lrp.mail.mail_text`),
+    anything else as UTF-8 text (a raw e-mail in it is parsed by the spam model when read). Files that are
+    missing, binary, not UTF-8 or empty come back with ``error`` saying so."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return TextFile(source, error="no such file")
+    except IsADirectoryError:
+        return TextFile(source, error="a folder, not a file")
+    except OSError as exc:
+        return TextFile(source, error=f"cannot read it ({exc.strerror})")
+    if b"\x00" in data:
+        return TextFile(source, error="a binary file, not text (give .txt or .eml files)")
+    if path.suffix.lower() == ".eml":
+        from ..mail import mail_text
+
+        try:
+            text = mail_text(data)
+        except Exception as exc:  # the email package is lenient; anything it still refuses
+            return TextFile(source, error=f"not an e-mail that parses ({type(exc).__name__})")
+        if not text.strip():
+            return TextFile(source, error="an e-mail without text in its subject or body")
+        return TextFile(source, text, parsed=True)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return TextFile(source, error="not UTF-8 text; save it as UTF-8 (or as .eml if it is an e-mail)")
+    if not text.strip():
+        return TextFile(source, error="empty: no text")
+    return TextFile(source, text)
+
+
 def write_csv(outcome: TextOutcome, path: Union[str, Path]) -> None:
     """One row per token (``CSV_FIELDS``)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -506,7 +591,8 @@ def summary_row(outcome: TextOutcome, stem: str) -> dict:
     return {"input": outcome.source, "status": "ok", "predicted": outcome.predicted_label,
             "probability": f"{p:.4f}" if p is not None else "", "explained": outcome.explained,
             "score": f"{outcome.score:.6g}", "relevance_sum": f"{outcome.relevance_sum:.6g}",
-            "tokens": len(outcome.encoded), "outputs": stem, "text": _excerpt(outcome.encoded.text)}
+            "tokens": len(outcome.encoded), "truncated": int(outcome.encoded.truncated), "outputs": stem,
+            "text": _excerpt(outcome.encoded.text)}
 
 
 def failed_row(source: str, text: str, reason: str) -> dict:
@@ -557,6 +643,15 @@ def _document(outcome: TextOutcome, merge: bool, cmap: str) -> str:
         notes += " Framed: special tokens the tokenizer adds."
     if any(not u.special and not u.text.strip() for u in units):
         notes += " \u2423 and \u21b5 are tokens of spaces and line breaks."
+    if e.truncated:
+        notes += f" The model reads the first {len(e)} tokens: the rest of the text was cut off."
+    high, low = CMAP_ENDS.get(cmap, ("right end", "left end"))
+    if cmap == "wred":
+        legend = f"red: for {outcome.explained} (this colour map does not show negative relevance)"
+    elif outcome.opposite:
+        legend = f"{high}: for {outcome.explained}, {low}: for {outcome.opposite}"
+    else:
+        legend = f"{high}: for the {'class' if outcome.kind == 'classifier' else 'token'}, {low}: against"
     after = ""
     if outcome.kind == "causal-lm":
         after = (f'<p class="next">&hellip; and the model is asked for the next token: '
@@ -580,7 +675,7 @@ table.meta th {{ text-align: left; font-weight: normal; color: #666; padding: 1p
 <h1>Why {explained}?</h1>
 <table class="meta">{table}</table>
 <div class="legend"><span>{-vmax:.3g}</span><span class="bar"></span><span>+{vmax:.3g}</span>
-<span>red: for the {'class' if outcome.kind == 'classifier' else 'token'}, blue: against, white: none</span></div>
+<span>{esc(legend)}</span></div>
 {token_html(e.tokens, outcome.relevance, cmap, merge=merge, special=e.special, words=e.words, vmax=vmax or None)}
 {after}
 <p class="note">{esc(notes)}</p>

@@ -17,9 +17,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from . import service
-from .schemas import (ErrorResponse, ExplainArrayRequest, ExplainForm, ExplainOptions, ExplainResponse, Limits,
-                      ModelInfo, ModelsResponse, PreprocessingInfo, Sample)
+from ..pipeline.text import is_text_spec
+from .schemas import (MAX_TEXT_CHARS, TEXT_COMPOSITE, ErrorResponse, ExplainArrayRequest, ExplainForm,
+                      ExplainOptions, ExplainResponse, ExplainTextRequest, ExplainTextResponse, Limits, ModelInfo,
+                      ModelsResponse, PreprocessingInfo, Sample, TextExample)
 from .service import MAX_BYTES, MAX_SIDE, ServedModel, ServiceError
+from .text_service import DEFAULT_MODELS, Served, ServedText
 
 try:  # Swagger UI and ReDoc from the package, not from a CDN: /docs works without Internet
     from fastapi_offline import FastAPIOffline as _FastAPI
@@ -31,12 +34,14 @@ log = logging.getLogger("lrp.web")
 
 ERRORS: dict[Union[int, str], dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "undecodable body or image, bad target"},
-    413: {"model": ErrorResponse, "description": f"body over {MAX_BYTES // 2**20} MB or image over "
-                                                 f"{MAX_SIDE}x{MAX_SIDE} pixels"},
+    413: {"model": ErrorResponse, "description": f"body over {MAX_BYTES // 2**20} MB, image over "
+                                                 f"{MAX_SIDE}x{MAX_SIDE} pixels, text over {MAX_TEXT_CHARS:,} "
+                                                 f"characters (or over the tokens a model reads)"},
     415: {"model": ErrorResponse, "description": "not multipart/form-data or JSON; the file is not a supported "
                                                  "image"},
     422: {"model": ErrorResponse, "description": "invalid fields, unknown model or composite, wrong array "
-                                                 "shape, a model that fails on the input"},
+                                                 "shape, an empty text, a text for an image model or an array "
+                                                 "or image for a text model, a model that fails on the input"},
 }
 
 Receive = Callable[[], Awaitable[dict]]
@@ -116,7 +121,14 @@ def _known(shape: Optional[tuple[Optional[int], ...]]) -> Optional[list[int]]:
     return [d for d in shape if d is not None] if shape is not None and None not in shape else None
 
 
-def _model_info(served: ServedModel) -> ModelInfo:
+def _model_info(served: Served) -> ModelInfo:
+    if isinstance(served, ServedText):
+        pipeline = served.pipeline
+        return ModelInfo(name=served.name, modality="text", kind=served.kind, input_shape=None,
+                         num_classes=len(served.classes), preprocessing=None,
+                         classes=served.classes, drawable=False, composites=served.composites,
+                         default_composite=TEXT_COMPOSITE, accuracy=pipeline.accuracy,
+                         max_tokens=pipeline.max_tokens, truncates=pipeline.truncates)
     pre = served.pre
     return ModelInfo(
         name=served.name, kind=served.loaded.kind,
@@ -131,16 +143,24 @@ def _model_info(served: ServedModel) -> ModelInfo:
 def _openapi_body() -> dict:
     return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": ExplainForm.model_json_schema()},
-        "application/json": {"schema": ExplainArrayRequest.model_json_schema()},
+        "application/json": {"schema": {"oneOf": [ExplainArrayRequest.model_json_schema(),
+                                                  ExplainTextRequest.model_json_schema()]}},
     }}}
 
 
-def create_app(models: Sequence[Union[ServedModel, str]] = ("mnist",), *, warm_up: bool = True) -> FastAPI:
-    """The web app serving ``models`` (:class:`ServedModel` or specs as ``lrp explain --model`` takes them;
-    the first is the default). ``warm_up`` runs each model once now, so that the first request is fast."""
-    served: dict[str, ServedModel] = {}
+def load_model(spec: str) -> Served:
+    """A text model (``spam``, ``hf:DIR``) or an image model (anything else ``lrp explain --model`` takes)."""
+    return ServedText.load(spec) if is_text_spec(spec) else ServedModel.load(spec)
+
+
+def create_app(models: Sequence[Union[Served, str]] = DEFAULT_MODELS, *, warm_up: bool = True) -> FastAPI:
+    """The web app serving ``models`` (:class:`ServedModel`, :class:`ServedText` or specs as ``lrp explain
+    --model`` takes them: ``spam`` and ``hf:DIR`` are text models). The first image model is the default for
+    images and arrays, the first text model for texts. ``warm_up`` runs each model once now, so that the first
+    request is fast."""
+    served: dict[str, Served] = {}
     for spec in models:
-        m = ServedModel.load(spec) if isinstance(spec, str) else spec
+        m = load_model(spec) if isinstance(spec, str) else spec
         name, k = m.name, 1
         while name in served:
             k += 1
@@ -154,28 +174,48 @@ def create_app(models: Sequence[Union[ServedModel, str]] = ("mnist",), *, warm_u
 
     app = _FastAPI(title="lrp", version=_version(),
                    description="Layer-wise Relevance Propagation: why did the model predict that? "
-                               "Draw or upload on the page at `/`; the JSON API is below.")
+                               "Draw, upload or type a text on the page at `/`; the JSON API is below.")
     app.state.models = served
     app.add_middleware(BodyLimit, max_bytes=MAX_BYTES)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    def pick(name: Optional[str]) -> ServedModel:
-        if not name:
-            return next(iter(served.values()))
-        if name not in served:
+    def pick(name: Optional[str], modality: str) -> Served:
+        """The model ``name`` (default: the first of ``modality``), which must read ``modality``."""
+        if name and name not in served:
             raise ServiceError(422, f"unknown model {name!r}; served: {', '.join(served)}")
-        return served[name]
+        found = served[name] if name else next((m for m in served.values() if m.modality == modality), None)
+        if found is None or found.modality != modality:
+            raise ServiceError(422, _wrong_modality(name, modality, served))
+        return found
+
+    def pick_image(name: Optional[str]) -> ServedModel:
+        found = pick(name, "image")
+        assert isinstance(found, ServedModel)
+        return found
+
+    def pick_text(name: Optional[str]) -> ServedText:
+        found = pick(name, "text")
+        assert isinstance(found, ServedText)
+        return found
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    text_models = [n for n, m in served.items() if m.modality == "text"]
+    texts = bool(text_models)
+
     @app.get("/api/models", response_model=ModelsResponse, summary="The models served", tags=["models"])
-    def list_models() -> ModelsResponse:
-        """Each model's name, input shape, class names and the composites it can be explained with."""
-        return ModelsResponse(models=[_model_info(m) for m in served.values()],
-                              limits=Limits(max_bytes=MAX_BYTES, max_side=MAX_SIDE))
+    def list_models() -> JSONResponse:
+        """Each model's name, modality (image or text), input shape, class names, held-out accuracy (where
+        known) and the composites it can be explained with; and the limits on requests."""
+        answer = ModelsResponse(models=[_model_info(m) for m in served.values()],
+                                limits=Limits(max_bytes=MAX_BYTES, max_side=MAX_SIDE,
+                                              max_text_chars=MAX_TEXT_CHARS if texts else None)).model_dump(mode="json")
+        if not texts:  # the text limit only where texts are taken
+            del answer["limits"]["max_text_chars"]
+        return JSONResponse(answer)
 
     @app.get("/api/samples", response_model=list[Sample], summary="Held-out MNIST digits, one per class",
              tags=["models"])
@@ -183,36 +223,81 @@ def create_app(models: Sequence[Union[ServedModel, str]] = ("mnist",), *, warm_u
         """Digits the built-in MNIST model was not trained on, to try the drawing page with."""
         return service.digit_samples()
 
-    @app.post("/api/explain", response_model=ExplainResponse, responses=ERRORS, openapi_extra=_openapi_body(),
-              summary="Predict and explain one input", tags=["explain"])
-    async def explain(request: Request) -> ExplainResponse:
-        """Send an image file as `multipart/form-data` (field `image`, plus the options as fields) or an
-        array as JSON (`{"array": [[...]], ...}`). The model runs in a worker thread."""
+    @app.get("/api/examples", response_model=list[TextExample], responses={422: {"model": ErrorResponse}},
+             summary="Held-out example texts of a text model", tags=["models"])
+    def examples(model: Optional[str] = None) -> list[TextExample]:
+        """Texts the model was not trained on, with their true class: the built-in spam model's 20 held-out mails
+        (10 ham, 10 spam); an empty list for other text models. `model`: a served text model (default: the
+        first)."""
+        if model in served and served[model].modality != "text":
+            raise ServiceError(422, f"model {model!r} reads images: its held-out digits are at GET /api/samples; "
+                                    f"example texts are for text models ({', '.join(text_models) or 'none served'})")
+        return pick_text(model).examples()
+
+    @app.post("/api/explain", response_model=Union[ExplainResponse, ExplainTextResponse], responses=ERRORS,
+              openapi_extra=_openapi_body(), summary="Predict and explain one input", tags=["explain"])
+    async def explain(request: Request) -> Union[ExplainResponse, ExplainTextResponse]:
+        """Image models: send an image file as `multipart/form-data` (field `image`, plus the options as
+        fields) or an array as JSON (`{"array": [[...]], ...}`); the answer is an `ExplainResponse`. Text models:
+        send JSON `{"model": "spam", "text": "..."}` (`ExplainTextRequest`); the answer is an
+        `ExplainTextResponse`, a relevance per token. The model runs in a worker thread."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
             body = await request.body()
-            return await run_in_threadpool(_explain_json, body, pick)
+            return await run_in_threadpool(_explain_json, body, served, pick_image, pick_text)
         if kind == "multipart/form-data":
             upload, options = await _read_form(request)
             data = await upload.read()
             await upload.close()
-            return await run_in_threadpool(service.explain_image, pick(options.model), data, upload.content_type,
-                                           options)
+            return await run_in_threadpool(service.explain_image, pick_image(options.model), data,
+                                           upload.content_type, options)
         raise ServiceError(415, f"unsupported content type {kind or 'none'!r}: send multipart/form-data with an "
-                                f"image file (field 'image') or application/json with an array")
+                                f"image file (field 'image'), or application/json with an array (image models) or "
+                                f"a text (text models)")
 
     return app
 
 
-def _explain_json(body: bytes, pick: Callable[[Optional[str]], ServedModel]) -> ExplainResponse:
+def _wrong_modality(name: Optional[str], modality: str, served: dict[str, Served]) -> str:
+    """Why model ``name`` (None: no model of ``modality`` is served) cannot take an input of ``modality``."""
+    others = [n for n, m in served.items() if m.modality == modality]
+    if modality == "text":
+        where = (f"send it to a text model ({', '.join(others)})" if others else
+                 "no text model is served: start the server with --model spam (or --model hf:DIR)")
+        return (f"model {name!r} reads images and arrays, not text; {where}" if name else
+                f"a text to explain, but {where}")
+    where = (f"send images and arrays to an image model ({', '.join(others)})" if others else
+             "no image model is served: start the server with --model mnist (or another image model)")
+    return (f"model {name!r} reads text: send JSON {{\"model\": {json.dumps(name)}, \"text\": \"...\"}}; {where}"
+            if name else f"an image or array to explain, but {where}")
+
+
+def _explain_json(body: bytes, served: dict[str, Served], pick_image: Callable[[Optional[str]], ServedModel],
+                  pick_text: Callable[[Optional[str]], ServedText]) -> Union[ExplainResponse, ExplainTextResponse]:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServiceError(400, f"the body is not valid JSON ({exc})") from None
     if not isinstance(payload, dict):
-        raise ServiceError(422, 'the body must be a JSON object: {"array": [[...]], "model": ..., ...}')
+        raise ServiceError(422, 'the body must be a JSON object: {"array": [[...]], ...} for an image model, '
+                                '{"text": "...", ...} for a text model')
+    if "text" in payload and "array" in payload:
+        raise ServiceError(422, "send either 'text' (to a text model) or 'array' (to an image model), not both")
+    name = payload.get("model")
+    named = served.get(name) if isinstance(name, str) else None
+    if "text" in payload:
+        modality = "text"
+    elif "array" in payload:
+        modality = "image"
+    else:  # neither: say what the model named (or the default, an image model) misses
+        modality = named.modality if named is not None else "image"
+    if named is not None and named.modality != modality:
+        raise ServiceError(422, _wrong_modality(name, modality, served))
+    if modality == "text":
+        text_request = ExplainTextRequest.model_validate(payload)
+        return pick_text(text_request.model).explain(text_request)
     request = ExplainArrayRequest.model_validate(payload)
-    return service.explain_array(pick(request.model), request.array, request)
+    return service.explain_array(pick_image(request.model), request.array, request)
 
 
 async def _read_form(request: Request) -> tuple[UploadFile, ExplainOptions]:

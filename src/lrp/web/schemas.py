@@ -7,8 +7,11 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ..composites import COMPOSITES
+from ..pipeline.text import TEXT_COMPOSITE
 
 Preprocessing = Literal["model", "digit"]
+Modality = Literal["image", "text"]
+MAX_TEXT_CHARS = 100_000  # characters of one text sent to POST /api/explain
 
 
 DESCRIPTIONS = {
@@ -107,21 +110,37 @@ class ModelInfo(BaseModel):
     """One served model."""
 
     name: str
-    kind: str = Field(..., description="mnist, torchvision, factory or exported")
-    input_shape: Optional[list[int]] = Field(None, description="(C, H, W) when known")
+    modality: Modality = Field(
+        default="image", description="what the model reads: 'image' (images and arrays, sent as {\"array\": ...} or "
+                                     "an image file) or 'text' (sent as {\"text\": ...})")
+    kind: str = Field(..., description="image models: mnist, torchvision, factory or exported; text models: spam "
+                                       "(the built-in spam classifier) or huggingface (hf:DIR)")
+    input_shape: Optional[list[int]] = Field(None, description="(C, H, W) when known; None for text models")
     num_classes: Optional[int] = None
     classes: Optional[list[str]] = Field(None, description="class names, index order")
     drawable: bool = Field(..., description="reads 1x28x28 digits: usable on the drawing page")
-    composites: list[str]
+    composites: list[str] = Field(..., description="the composites this model can be explained with")
     default_composite: str
-    preprocessing: PreprocessingInfo
+    preprocessing: Optional[PreprocessingInfo] = Field(
+        default=None, description="image models: how images are prepared; None for text models")
+    accuracy: Optional[float] = Field(
+        default=None, description="held-out accuracy where known (the built-in spam model: 0.984 on 1,190 held-out "
+                                  "mails); None otherwise")
+    max_tokens: Optional[int] = Field(default=None, description="text models: the most tokens the model reads")
+    truncates: Optional[bool] = Field(
+        default=None, description="text models: true when longer texts are cut to max_tokens (the rest is not "
+                                  "read), false when they are refused")
 
 
 class Limits(BaseModel):
-    """The largest request body (bytes) and image side (pixels) the server takes."""
+    """The largest request body (bytes) and image side (pixels) the server takes; with a text model served, the
+    longest text (characters)."""
 
     max_bytes: int
     max_side: int
+    max_text_chars: Optional[int] = Field(
+        default=None, description="the longest text POST /api/explain takes, in characters (only when a text model "
+                                  "is served)")
 
 
 class ModelsResponse(BaseModel):
@@ -137,6 +156,82 @@ class Sample(BaseModel):
     label: int
     array: list[list[float]] = Field(..., description="28x28 values in [0, 1], white on black")
     image: str = Field(..., description="the digit as a PNG data URL")
+
+
+class TextExample(BaseModel):
+    """A held-out example text of a text model (for the spam model: a mail it was not trained on, as the subject,
+    a blank line and the body)."""
+
+    id: str = Field(..., description="the corpus's id of the mail")
+    label: int = Field(..., description="index of the true class")
+    label_name: str = Field(..., description="the true class: ham or spam")
+    subject: str = Field(..., description="the first line (the mail's subject)")
+    text: str
+    group: str = Field("", description="the corpus folder: easy-ham-1, hard-ham-1, spam-2, ...")
+
+
+class ExplainTextRequest(BaseModel):
+    """``POST /api/explain`` with ``Content-Type: application/json`` for a text model:
+    ``{"model": "spam", "text": "..."}``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra={
+        "examples": [{"model": "spam", "text": "Congratulations! You have won a FREE prize: click here to claim it"}]})
+
+    text: StrictStr = Field(..., description=f"the text to explain: plain text, or for the spam model a raw e-mail "
+                                             f"(its subject and body are read); not empty, at most "
+                                             f"{MAX_TEXT_CHARS:,} characters",
+                            json_schema_extra={"maxLength": MAX_TEXT_CHARS})
+    model: Optional[str] = Field(None, description="name of a served text model (GET /api/models); default: the "
+                                                   "first text model")
+    target: Union[StrictInt, StrictStr, None] = Field(None, description="class to explain: a class index or name "
+                                                                        "(spam, ham); none or 'pred' for the "
+                                                                        "predicted class")
+    composite: str = Field(TEXT_COMPOSITE, description="LRP composite (the text model's `composites` in GET "
+                                                       "/api/models); default epsilon")
+    words: bool = Field(True, description="also return the relevance per word (a word's tokens summed)")
+    html: bool = Field(False, description="also return the token heatmap as an HTML fragment")
+
+
+class TextWord(BaseModel):
+    """One word of the text: its tokens' relevance summed."""
+
+    word: str
+    relevance: float
+    tokens: list[int] = Field(..., description="positions of its tokens in `tokens`")
+
+
+class ExplainTextResponse(BaseModel):
+    """The prediction for a text and the LRP relevance of each of its tokens for the explained class."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    modality: Literal["text"] = "text"
+    composite: str
+    prediction: int = Field(..., description="index of the predicted class")
+    prediction_label: str
+    probabilities: list[float] = Field(..., description="softmax of the model output, one per class")
+    target: int = Field(..., description="index of the explained class")
+    target_label: str
+    opposite_label: Optional[str] = Field(None, description="the class whose relevance is exactly minus this one "
+                                                            "(the spam model: ham for spam, spam for ham)")
+    score: float = Field(..., description="model output (logit) of the explained class: the relevance to share")
+    relevance_sum: float = Field(..., description="relevance summed over the tokens (about `score` when conserved)")
+    text: str = Field(..., description="the text as the model read it (for a raw e-mail: its subject and body)")
+    tokens: list[str] = Field(..., description="the tokenizer's pieces, in order (byte-level BPE: 'Ġ' is a space, "
+                                               "'Ċ' a line break)")
+    relevance: list[float] = Field(..., description="one value per token: positive speaks for the explained class")
+    spans: list[Optional[tuple[int, int]]] = Field(..., description="each token's characters [start, end) in "
+                                                                    "`text`; None for special tokens or without "
+                                                                    "offsets")
+    special: list[bool] = Field(..., description="special tokens the tokenizer adds ([CLS], <s>...)")
+    words: Optional[list[TextWord]] = Field(None, description="with words=true (the default): the relevance per "
+                                                              "word; white space and special tokens are in none")
+    truncated: bool = Field(..., description="the text was longer than the model reads: only `tokens` were read")
+    max_tokens: Optional[int] = Field(None, description="the most tokens the model reads")
+    html: Optional[str] = Field(None, description="with html=true: the token heatmap as an HTML fragment (words "
+                                                  "merged with words=true)")
+    elapsed_ms: float = Field(..., description="time to tokenize and explain on the server")
 
 
 class ErrorResponse(BaseModel):

@@ -8,7 +8,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..errors import ModelError
+from ..pipeline.text import is_text_spec
 from .service import ServedModel
+from .text_service import DEFAULT_MODELS, Served, ServedText
 
 PREPROCESSING = ("size", "crop", "mean", "std", "grayscale", "invert")
 # models with fewer parameters run on one torch thread by default: they are no faster on more, and threads that
@@ -17,12 +20,23 @@ PREPROCESSING = ("size", "crop", "mean", "std", "grayscale", "invert")
 SMALL_MODEL = 5_000_000
 
 
-def load_models(groups: Sequence[dict[str, Any]], device: str = "cpu") -> list[ServedModel]:
-    """One :class:`ServedModel` per group of ``lrp serve`` options (``model``, ``weights``, ``classes`` and the
-    preprocessing options), each on ``device``; raises ``ModelError``."""
-    return [ServedModel.load(g.get("model", "mnist"), g.get("weights"), g.get("classes"), device=device,
-                             **{k: g[k] for k in PREPROCESSING if k in g})
-            for g in (groups or [{}])]
+def load_models(groups: Sequence[dict[str, Any]], device: str = "cpu") -> list[Served]:
+    """One model per group of ``lrp serve`` options (``model``, ``weights``, ``classes`` and the preprocessing
+    options), each on ``device``: a :class:`ServedText` for ``spam`` and ``hf:DIR``, else a :class:`ServedModel`.
+    No groups: ``mnist`` and ``spam``. Raises ``ModelError``."""
+    models: list[Served] = []
+    for g in groups or [{"model": spec} for spec in DEFAULT_MODELS]:
+        spec = g.get("model", "mnist")
+        if is_text_spec(spec):
+            given = [k for k in ("weights", *PREPROCESSING) if k in g]
+            if given:
+                raise ModelError(f"--{given[0]} applies to image models; the text model {spec} takes only --classes "
+                                 f"(hf:DIR classifiers)")
+            models.append(ServedText.load(spec, g.get("classes"), device=device))
+        else:
+            models.append(ServedModel.load(spec, g.get("weights"), g.get("classes"), device=device,
+                                           **{k: g[k] for k in PREPROCESSING if k in g}))
+    return models
 
 
 def serve(groups: Sequence[dict[str, Any]], host: str = "127.0.0.1", port: int = 8000,

@@ -56,6 +56,8 @@ class ServiceError(Exception):
 class ServedModel(Pipeline):
     """A :class:`~lrp.pipeline.Pipeline` as ``lrp serve`` serves it: warmed up, with its class count and names."""
 
+    modality = "image"  # reads images and arrays (text models: :class:`lrp.web.text_service.ServedText`)
+
     def warm_up(self) -> None:
         """Explain a grey input twice, so that the first request is as fast as the others; learn the class count
         and check the class names against it. Raises ``ModelError`` when the model fails on its input shape or

@@ -3,9 +3,12 @@
 
 const $ = (selector) => document.querySelector(selector);
 const THROTTLE_MS = 120;   // while drawing, at most one request per this many milliseconds
+const DEBOUNCE_MS = 250;   // while typing, a text is explained once the keys rest this long
 
 const app = {
   models: [],
+  imageModels: [],
+  textModels: [],
   limits: null,
   drawModel: null,
 };
@@ -335,7 +338,7 @@ async function setupSamples() {
 const upload = { file: null, target: null, seq: 0 };
 
 function currentUploadModel() {
-  return app.models.find((m) => m.name === $("#up-model").value) || app.models[0];
+  return app.imageModels.find((m) => m.name === $("#up-model").value) || app.imageModels[0];
 }
 
 function fillUploadControls() {
@@ -409,7 +412,7 @@ function renderUpload(res) {
 
 function setupUpload() {
   const models = $("#up-model");
-  models.replaceChildren(...app.models.map((m) => option(m.name, m.name)));
+  models.replaceChildren(...app.imageModels.map((m) => option(m.name, m.name)));
   fillUploadControls();
   models.addEventListener("change", () => { fillUploadControls(); explainUpload(); });
   $("#up-composite").addEventListener("change", explainUpload);
@@ -442,10 +445,352 @@ function setupUpload() {
     `${limits.max_side}×${limits.max_side} pixels: PNG, JPEG, GIF, BMP, WebP, TIFF.`;
 }
 
+// ------------------------------------------------------------------ text
+
+const text = {
+  target: null,     // the class to explain; null: the prediction
+  timer: null,      // the debounce timer while typing
+  busy: false,      // a request is on its way
+  pending: false,   // the text or the options changed meanwhile: explain again when it is back
+  seq: 0,           // number of the latest request (or reset): older answers are not shown
+  result: null,     // the answer shown
+  sent: "",         // the text of the answer shown
+  examples: [],
+};
+
+function currentTextModel() {
+  return app.textModels.find((m) => m.name === $("#text-model").value) || app.textModels[0];
+}
+
+function updateCount() {
+  const n = characters($("#text-input").value);
+  const limit = app.limits && app.limits.max_text_chars;
+  const count = $("#text-count");
+  count.textContent = limit ? `${n.toLocaleString("en")} / ${limit.toLocaleString("en")} characters`
+    : `${n.toLocaleString("en")} characters`;
+  count.classList.toggle("over", Boolean(limit && n > limit));
+}
+
+function resetText() {
+  clearTimeout(text.timer);
+  text.seq += 1;  // answers still on their way are for an older text
+  text.result = null;
+  text.sent = "";
+  $("#text-pred").textContent = "–";
+  $("#text-pred-text").textContent = "type something";
+  $("#text-explaining").textContent = "";
+  $("#text-bars").replaceChildren();
+  $("#text-other").textContent = "";
+  $("#text-stats").textContent = "";
+  $("#text-heat-title").textContent = "Why";
+  const heat = $("#text-heat");
+  heat.replaceChildren(Object.assign(document.createElement("span"), {
+    className: "muted", textContent: "the heatmap of the text appears here" }));
+  delete heat.dataset.target;
+  delete heat.dataset.sent;
+  $("#text-hover").textContent = "hover over a word to see its relevance";
+}
+
+function scheduleText() {
+  clearTimeout(text.timer);
+  updateCount();
+  if (!$("#text-input").value.trim()) {
+    resetText();
+    return;
+  }
+  text.timer = setTimeout(explainText, DEBOUNCE_MS);
+}
+
+// Characters as the server counts them (code points, not UTF-16 units: an emoji is one).
+function characters(value) {
+  return Array.from(value).length;
+}
+
+// One request at a time; whatever changed meanwhile is sent right after. An answer is shown only if no newer
+// request (or reset) came after it and nothing changed while it was on its way (then the next request is
+// pending), so the page never shows the heatmap of a text that is no longer in the box.
+async function explainText() {
+  clearTimeout(text.timer);
+  const value = $("#text-input").value;
+  if (!value.trim()) return;
+  const limit = app.limits && app.limits.max_text_chars;
+  if (limit && characters(value) > limit) {
+    text.seq += 1;
+    showError(`The text has ${characters(value).toLocaleString("en")} characters: at most ` +
+      `${limit.toLocaleString("en")} are taken. Shorten it (the model reads only its start).`);
+    return;
+  }
+  if (text.busy) {
+    text.pending = true;
+    return;
+  }
+  text.busy = true;
+  text.pending = false;
+  const seq = ++text.seq;
+  $("#text").classList.add("working");
+  try {
+    const res = await api("/api/explain", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: currentTextModel().name, text: value, target: text.target,
+                             composite: $("#text-composite").value, words: true }),
+    });
+    if (seq === text.seq && !text.pending) {
+      showError("");
+      text.sent = value;
+      renderText(res);
+    }
+  } catch (err) {
+    if (seq === text.seq && !text.pending) showError(err.message);
+  } finally {
+    text.busy = false;
+    $("#text").classList.remove("working");
+    if (text.pending) explainText();
+  }
+}
+
+function signed(v) {
+  return `${v >= 0 ? "+" : "−"}${Math.abs(v).toPrecision(3)}`;
+}
+
+// bwr, as lrp's token heatmaps: blue (-1), white (0), red (+1)
+function heatColour(s) {
+  const t = Math.max(-1, Math.min(1, s));
+  const fade = Math.round(255 * (1 - Math.abs(t)));
+  return t >= 0 ? [255, fade, fade] : [fade, fade, 255];
+}
+
+// A token as text when the tokenizer gives no character offsets: its marks for spaces and line breaks undone.
+function tokenText(token) {
+  return token.replace(/^##/, "").replace(/[Ġ▁]/g, " ").replace(/Ċ/g, "\n");
+}
+
+// What the heatmap shows: one unit per word (merge) or per token, each with its token positions and relevance.
+function textUnits(res, merge) {
+  const wordOf = new Map();
+  if (merge && res.words) res.words.forEach((w, k) => w.tokens.forEach((p) => wordOf.set(p, k)));
+  const units = [];
+  const seen = new Set();
+  res.tokens.forEach((token, p) => {
+    if (wordOf.has(p)) {
+      const k = wordOf.get(p);
+      if (seen.has(k)) return;
+      seen.add(k);
+      const w = res.words[k];
+      units.push({ positions: w.tokens, value: w.relevance, label: w.word, kind: "word" });
+      return;
+    }
+    const span = res.spans[p];
+    const piece = span ? res.text.slice(span[0], span[1]) : tokenText(token);
+    let kind = "token";
+    if (res.special[p]) kind = "special";
+    else if (!piece.trim()) kind = merge ? "plain" : "space";
+    units.push({ positions: [p], value: res.relevance[p], label: res.special[p] ? token : piece, kind });
+  });
+  return units;
+}
+
+function renderHeat(res) {
+  const merge = $("#text-words").checked;
+  const units = textUnits(res, merge);
+  const coloured = units.filter((u) => u.kind !== "plain");
+  const vmax = coloured.reduce((m, u) => Math.max(m, Math.abs(u.value)), 0);
+  const heat = $("#text-heat");
+  const parts = [];
+  let cursor = 0;
+  units.forEach((unit, k) => {
+    const spans = unit.positions.map((p) => res.spans[p]).filter(Boolean);
+    let shown;
+    let lead = "";
+    if (spans.length) {
+      const start = Math.max(cursor, Math.min(...spans.map((sp) => sp[0])));
+      const end = Math.max(start, ...spans.map((sp) => sp[1]));
+      lead = res.text.slice(cursor, start);
+      shown = res.text.slice(start, end);
+      cursor = end;
+    } else if (unit.kind === "word" || unit.kind === "token") {  // a tokenizer without offsets
+      shown = unit.label.trimStart();
+      lead = k > 0 && (unit.kind === "word" || shown !== unit.label) ? " " : "";
+    } else {  // special tokens
+      shown = unit.label;
+    }
+    if (lead) parts.push(document.createTextNode(lead));
+    if (unit.kind === "plain") {
+      parts.push(document.createTextNode(shown));
+      return;
+    }
+    const el = document.createElement("span");
+    el.className = "tok" + (unit.kind === "special" ? " special" : "") + (unit.kind === "space" ? " space" : "");
+    // a token of white space shows as ␣ and ↵ (its line breaks kept after it)
+    el.textContent = unit.kind === "space" ? [...shown].map((c) => (c === "\n" ? "↵" : "␣")).join("") || "␣" : shown;
+    const [r, g, b] = heatColour(vmax > 0 ? unit.value / vmax : 0);
+    el.style.backgroundColor = `rgb(${r}, ${g}, ${b})`;
+    if (0.299 * r + 0.587 * g + 0.114 * b < 110) el.style.color = "#fff";
+    el.dataset.relevance = unit.value.toPrecision(9);
+    el.dataset.tokens = unit.positions.join(" ");
+    const name = unit.kind === "word" || (unit.kind === "token" && spans.length) ? shown : res.tokens[unit.positions[0]];
+    el.title = `${name}: ${signed(unit.value)}`;
+    parts.push(el);
+    const breaks = unit.kind === "space" ? shown.split("\n").length - 1 : 0;
+    if (breaks) parts.push(document.createTextNode("\n".repeat(breaks)));
+  });
+  const rest = res.text.slice(cursor);
+  if (res.truncated && rest.trim()) {
+    const cut = document.createElement("span");
+    cut.className = "cut";
+    cut.textContent = rest.slice(0, 2000) + (rest.length > 2000 ? " …" : "");
+    cut.title = `not read: the model reads the first ${res.tokens.length} tokens`;
+    parts.push(cut);
+  } else if (rest) {
+    parts.push(document.createTextNode(rest));
+  }
+  heat.replaceChildren(...parts);
+  heat.dataset.target = String(res.target);
+  heat.dataset.merge = String(merge);
+  heat.dataset.sent = String(text.sent.length);
+}
+
+function hoverText(event) {
+  const el = event.target.closest && event.target.closest("#text-heat .tok");
+  const res = text.result;
+  const line = $("#text-hover");
+  if (!el || !res) {
+    line.textContent = `hover over a ${$("#text-words").checked ? "word" : "token"} to see its relevance`;
+    return;
+  }
+  const positions = el.dataset.tokens.split(" ").map(Number);
+  const value = Number(el.dataset.relevance);
+  line.replaceChildren();
+  const b = document.createElement("b");
+  b.textContent = el.title.slice(0, el.title.lastIndexOf(": "));
+  line.append(b, ` ${signed(value)} for ${res.target_label}`);
+  if (positions.length > 1) {
+    line.append(" · its tokens: " + positions.map((p) => `${piece(res, p)} ${signed(res.relevance[p])}`).join(", "));
+  } else {
+    line.append(` · token ${positions[0]}: ${res.tokens[positions[0]]}`);
+  }
+}
+
+// A token as the characters it was read from, quoted (the vocabulary piece when there are none).
+function piece(res, p) {
+  const span = res.spans[p];
+  return span && span[1] > span[0] ? JSON.stringify(res.text.slice(span[0], span[1])) : res.tokens[p];
+}
+
+function renderText(res) {
+  text.result = res;
+  $("#text-pred").textContent = res.prediction_label;
+  $("#text-pred-text").textContent = `predicted with ${percent(res.probabilities[res.prediction])}`;
+  const explaining = $("#text-explaining");
+  explaining.replaceChildren("explaining: ");
+  const b = document.createElement("b");
+  b.id = "text-target";
+  b.textContent = res.target === res.prediction ? `${res.target_label} (the prediction)` : res.target_label;
+  explaining.append(b);
+  if (res.target !== res.prediction) {
+    const back = document.createElement("button");
+    back.className = "link";
+    back.textContent = "back to the prediction";
+    back.addEventListener("click", () => { text.target = null; explainText(); });
+    explaining.append(" · ", back);
+  }
+  renderBars($("#text-bars"), res, (i) => { text.target = i; explainText(); }, 10);
+  const others = res.probabilities.map((p, i) => i).filter((i) => i !== res.target);
+  $("#text-other").textContent = res.opposite_label
+    ? `Click ${res.opposite_label} to see what speaks for it: its relevance is exactly minus that for ` +
+      `${res.target_label}, so red and blue swap.`
+    : (others.length ? "Click another class to see what speaks for it." : "");
+  $("#text-heat-title").textContent = `Why ${res.target_label}?`;
+  $("#text-legend-for").textContent = `for ${res.target_label}`;
+  $("#text-legend-against").textContent = res.opposite_label ? `for ${res.opposite_label}` : "against";
+  renderHeat(res);
+  const share = res.score ? ` (${(100 * res.relevance_sum / res.score).toFixed(1)}% of the score ${res.score.toFixed(3)})` : "";
+  const read = res.truncated ? `the first ${res.tokens.length} tokens (the rest was cut off)` : `${res.tokens.length} tokens`;
+  const mail = text.sent && res.text !== text.sent && !text.sent.startsWith(res.text)
+    ? " · read as an e-mail: its subject and body" : "";
+  $("#text-stats").textContent = `${read}${mail} · relevance sum ${res.relevance_sum.toFixed(3)}${share} · ` +
+    `${res.composite} · ${res.elapsed_ms.toFixed(1)} ms on the server`;
+}
+
+async function loadExamples() {
+  const model = currentTextModel();
+  const select = $("#text-example");
+  select.replaceChildren(option("", "choose a mail…"));
+  try {
+    text.examples = await api(`/api/examples?model=${encodeURIComponent(model.name)}`);
+  } catch (err) {
+    text.examples = [];
+    showError(err.message);
+  }
+  text.examples.forEach((ex, k) => {
+    const subject = ex.subject.length > 70 ? ex.subject.slice(0, 69) + "…" : ex.subject;
+    select.append(option(String(k), `${ex.label_name} · ${subject || "(no subject)"}`));
+  });
+  $("#text-examples-field").hidden = text.examples.length === 0;
+}
+
+function describeTextModel() {
+  const model = currentTextModel();
+  const parts = [`${model.name}: a text classifier (${(model.classes || []).join(", ")})`];
+  if (model.accuracy !== null && model.accuracy !== undefined) {
+    parts.push(`held-out accuracy ${(100 * model.accuracy).toFixed(1)}%`);
+  }
+  if (model.max_tokens) {
+    parts.push(model.truncates ? `reads the first ${model.max_tokens} tokens of a text`
+      : `reads texts of up to ${model.max_tokens} tokens`);
+  }
+  $("#text-about").textContent = parts.join("; ") + ".";
+}
+
+function setupText() {
+  const models = $("#text-model");
+  models.replaceChildren(...app.textModels.map((m) => option(m.name, m.name)));
+  $("#text-model-field").hidden = app.textModels.length < 2;
+  const changed = () => {
+    fillComposites($("#text-composite"), currentTextModel());
+    describeTextModel();
+    text.target = null;
+    loadExamples();
+  };
+  changed();
+  models.addEventListener("change", () => { changed(); explainText(); });
+  $("#text-composite").addEventListener("change", explainText);
+  $("#text-input").addEventListener("input", () => {
+    $("#text-example").value = "";
+    scheduleText();
+  });
+  $("#text-clear").addEventListener("click", () => {
+    $("#text-input").value = "";
+    $("#text-example").value = "";
+    text.target = null;
+    updateCount();
+    resetText();
+    showError("");
+  });
+  $("#text-example").addEventListener("change", () => {
+    const ex = text.examples[Number($("#text-example").value)];
+    if (!ex || $("#text-example").value === "") return;
+    $("#text-input").value = ex.text;
+    text.target = null;
+    updateCount();
+    explainText();
+  });
+  $("#text-words").addEventListener("change", () => {
+    if (text.result) renderHeat(text.result);
+    hoverText({ target: document.body });
+  });
+  const heat = $("#text-heat");
+  heat.addEventListener("mouseover", hoverText);
+  heat.addEventListener("mouseleave", hoverText);
+  updateCount();
+}
+
 // ------------------------------------------------------------------ tabs and start
 
+const TABS = ["draw", "upload", "text"];
+
 function showTab(name) {
-  for (const tab of ["draw", "upload"]) {
+  for (const tab of TABS) {
     $(`#tab-${tab}`).setAttribute("aria-selected", String(tab === name));
     $(`#${tab}`).hidden = tab !== name;
   }
@@ -453,8 +798,7 @@ function showTab(name) {
 }
 
 async function start() {
-  $("#tab-draw").addEventListener("click", () => showTab("draw"));
-  $("#tab-upload").addEventListener("click", () => showTab("upload"));
+  for (const tab of TABS) $(`#tab-${tab}`).addEventListener("click", () => showTab(tab));
   try {
     const info = await api("/api/models");
     app.models = info.models;
@@ -463,17 +807,33 @@ async function start() {
     showError(`cannot reach the server: ${err.message}`);
     return;
   }
-  app.drawModel = app.models.find((m) => m.drawable) || null;
-  if (app.drawModel) {
-    fillComposites($("#draw-composite"), app.drawModel);
-    setupPad();
-    setupSamples().catch((err) => showError(err.message));
-  } else {
-    $("#draw-grid").hidden = true;
-    $("#draw-unavailable").hidden = false;
+  app.imageModels = app.models.filter((m) => (m.modality || "image") === "image");
+  app.textModels = app.models.filter((m) => m.modality === "text");
+  app.drawModel = app.imageModels.find((m) => m.drawable) || null;
+  const available = [];
+  if (app.imageModels.length) {
+    if (app.drawModel) {
+      fillComposites($("#draw-composite"), app.drawModel);
+      setupPad();
+      setupSamples().catch((err) => showError(err.message));
+    } else {
+      $("#draw-grid").hidden = true;
+      $("#draw-unavailable").hidden = false;
+    }
+    setupUpload();
+    available.push("draw", "upload");
+  } else {  // text models only: no image tabs
+    $("#tab-draw").hidden = true;
+    $("#tab-upload").hidden = true;
   }
-  setupUpload();
-  showTab(location.hash === "#upload" || !app.drawModel ? "upload" : "draw");
+  if (app.textModels.length) {
+    $("#tab-text").hidden = false;
+    setupText();
+    available.push("text");
+  }
+  const asked = location.hash.slice(1);
+  const first = app.drawModel ? "draw" : (app.imageModels.length ? "upload" : "text");
+  showTab(available.includes(asked) && (asked !== "draw" || app.drawModel) ? asked : first);
   document.body.dataset.ready = "true";
 }
 
