@@ -53,8 +53,9 @@ class LayerInfo:
     kind: str  # "linear", "conv", "conv_transpose"
     index: int  # position in the order the layers run
     count: int  # number of layer calls in the forward pass
-    first: bool  # reads the model input (directly or through reshapes and indexing)
-    image_input: bool = False  # the model input is an image: floating point, (N, C, H, W) or (N, C, D, H, W)
+    first: bool  # reads the model input (directly or through reshapes and indexing; with several inputs, an
+    #              image one, or without images a float one: see lrp.explain)
+    image_input: bool = False  # it reads an image input: floating point, (N, C, H, W) or (N, C, D, H, W)
 
     @property
     def module_name(self) -> str:

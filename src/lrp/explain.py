@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -22,7 +22,8 @@ Tensor = torch.Tensor
 class Explanation:
     """The result of :func:`explain`.
 
-    ``relevance`` has the input's shape. ``output`` is the model's real output. ``head`` names the final
+    ``relevance`` has the input's shape (for a model with several inputs, ``explain(model, (x1, x2))``: a tuple
+    with one tensor per input, each shaped like it). ``output`` is the model's real output. ``head`` names the final
     ``"sigmoid"``, ``"softmax"`` or ``"log_softmax"`` the relevance started before (``None``: it started at the
     output), and ``logits`` are the scores it started from (the head's input shaped like the output; the
     output itself when there is no head). ``target`` holds the explained class per sample (``None`` for a
@@ -34,7 +35,7 @@ class Explanation:
     is one 0-dim ratio for the whole batch).
     """
 
-    relevance: Tensor
+    relevance: Tensor  # a tuple of tensors for a tuple of inputs
     output: Tensor
     target: Optional[Tensor]
     start: Tensor
@@ -99,9 +100,12 @@ class Explanation:
         return self._z.detach().argmax(1) if k is not None and k >= 2 else None
 
 
+Inputs = Union[Tensor, Sequence[Tensor]]
+
+
 def explain(
     model: torch.nn.Module,
-    x: Tensor,
+    x: Inputs,
     target: TargetSpec = None,
     composite: Union[str, Composite, None] = "epsilon-plus-flat",
     *,
@@ -116,6 +120,14 @@ def explain(
         model: any ``nn.Module``; it is not modified (modes, flags and hooks are restored, also on error).
         x: input batch (first dimension = samples): floating point, or integer token ids read by an embedding
             layer, in which case the relevance of each token (summed over its embedding vector) is returned.
+            A model with several inputs gets them as a tuple or list, ``model(*x)`` (e.g. an image and a
+            question's token ids), all with the same batch size; ``relevance`` is then a tuple of the same
+            length, and the relevance of all inputs together adds up to the explained score. Every float input
+            is explained (a float mask multiplied into the signal takes a share: pass constants with
+            ``functools.partial(model, mask=...)`` instead); integer inputs that no embedding reads (attention
+            masks, lengths) are held fixed and get zero relevance. Input rules (flat, w^2, z^B) go to the
+            layers that read an image input (or, without images, a float input), not to layers after an
+            embedding.
         target: class to explain: ``None`` (the predicted class), an int, or one int per sample. A model with
             one score per sample that ends in a sigmoid has two classes: 1 (explained from its logit ``z``) and
             0 (explained from ``-z``); other one-score models have only the score (target ``None`` or 0).
@@ -143,32 +155,48 @@ def explain(
     return _explain(model, x, target, resolve(composite), start, from_logits, record_layers, eval_mode, None)
 
 
-def _check(model: object, x: object) -> None:
+def _check(model: object, x: object) -> list[Tensor]:
+    """The model inputs as a list (one tensor, or a tuple or list of them), checked."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    several = isinstance(x, (tuple, list))
+    given = list(x) if isinstance(x, (tuple, list)) else [x]
+    if several and not given:
+        raise LRPError(f"x is an empty {type(x).__name__}: give the model's inputs, one tensor each")
+    inputs: list[Tensor] = []
+    for k, t in enumerate(given):
+        name = f"input {k} of {len(given)}" if several else "x"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}"
+                            + (" (pass other arguments with functools.partial(model, ...) or a wrapper module)"
+                               if several else " (a model with several inputs takes them as a tuple)"))
+        inputs.append(t)
+        if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
+            raise LRPError(f"{name} must be a floating-point tensor or integer token ids, got {t.dtype}")
+        if t.ndim < 1 or t.shape[0] == 0:
+            raise LRPError(f"{name} must be a batch with at least one sample along dimension 0, got shape "
+                           f"{tuple(t.shape)}")
+        if t.shape[0] != inputs[0].shape[0]:
+            raise LRPError(f"{name} has {t.shape[0]} samples (shape {tuple(t.shape)}), input 0 has "
+                           f"{inputs[0].shape[0]} (shape {tuple(inputs[0].shape)}): every input needs the same "
+                           f"batch size along dimension 0")
     scripted = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
     if scripted:
         raise LRPError(f"module '{scripted[0]}' is TorchScript: its operations run inside the TorchScript "
                        f"interpreter, where lrp cannot see them to apply rules. Explain the Python model instead "
                        f"(load its state dict into the model class).")
-    if not x.is_floating_point() and (x.is_complex() or x.dtype == torch.bool):
-        raise LRPError(f"x must be a floating-point tensor or integer token ids, got {x.dtype}")
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise LRPError(f"x must be a batch with at least one sample along dimension 0, got shape {tuple(x.shape)}")
+    return inputs
 
 
-def _explain(model: torch.nn.Module, x: Tensor, target: TargetSpec, comp: Composite, start: StartSpec,
+def _explain(model: torch.nn.Module, x: Inputs, target: TargetSpec, comp: Composite, start: StartSpec,
              from_logits: bool, record_layers: bool, eval_mode: bool, cache: Optional[WeightCache]) -> Explanation:
-    _check(model, x)
-    tokens = not x.is_floating_point()
-    leaf = x.detach() if tokens else x.detach().requires_grad_(True)
-    trace = Trace(model, comp, leaf)
+    inputs = _check(model, x)
+    leaves = [t.detach() if not t.is_floating_point() else t.detach().requires_grad_(True) for t in inputs]
+    trace = Trace(model, comp, leaves)
     propagation: Optional[Propagation] = None
     try:
         with model_lock(model), frozen(model, eval_mode), torch.enable_grad():
-            out = _forward(model, trace, leaf, tokens)
+            out = _forward(model, trace, leaves)
             found = trace.head_of(out)
             head, logits = found if found is not None and from_logits and not isinstance(start, Tensor) \
                 else (None, out)
@@ -179,11 +207,12 @@ def _explain(model: torch.nn.Module, x: Tensor, target: TargetSpec, comp: Compos
                 idx = binary_targets(logits, target) if binary else class_targets(logits, target)
             relevance_out = start_relevance(logits, idx, start, head, binary)
             propagation = Propagation(trace, record_layers, cache)
-            roots = trace.token_leaves if tokens else [leaf]
+            roots = [leaf for leaf in leaves if leaf.is_floating_point()] + trace.token_leaves
             grad_out = output_gradient(logits.detach(), idx, relevance_out, start, binary)
             grads = propagation.run(logits, roots, grad_out)
-        relevance = propagation.input_relevance(roots, grads, tokens, x, out)
-        res = _explanation(trace, relevance, out.detach(), idx, relevance_out, comp)
+        relevance = propagation.input_relevance(roots, grads, leaves, out)
+        res = _explanation(trace, relevance if isinstance(x, (tuple, list)) else relevance[0], out.detach(), idx,
+                           relevance_out, comp)
         res.head, res.logits = head, logits.detach()
         res._output_head = found[0] if found is not None else None  # for .probabilities when not stripped
         return res
@@ -221,7 +250,7 @@ class Explainer:
         self.eval_mode = eval_mode
         self.cache = WeightCache()
 
-    def __call__(self, x: Tensor, target: TargetSpec = None, *, start: StartSpec = "score", from_logits: bool = True,
+    def __call__(self, x: Inputs, target: TargetSpec = None, *, start: StartSpec = "score", from_logits: bool = True,
                  record_layers: bool = False) -> Explanation:
         """As :func:`explain` with this explainer's model and composite."""
         return _explain(self.model, x, target, self.composite, start, from_logits, record_layers, self.eval_mode,
@@ -235,15 +264,15 @@ class Explainer:
         return f"Explainer({type(self.model).__name__}, composite={self.composite.name!r})"
 
 
-def _forward(model: torch.nn.Module, trace: Trace, leaf: Tensor, tokens: bool) -> Tensor:
+def _forward(model: torch.nn.Module, trace: Trace, leaves: list[Tensor]) -> Tensor:
     try:
         with trace.capture():
-            out = model(leaf)
+            out = model(*leaves)
     except LRPError:
         raise  # lrp's own error says what is wrong
     except Exception as exc:
-        if tokens and not trace.token_leaves:
-            raise LRPError(f"x holds integers ({leaf.dtype}), which lrp reads as token ids, but the model failed "
+        if len(leaves) == 1 and not leaves[0].is_floating_point() and not trace.token_leaves:
+            raise LRPError(f"x holds integers ({leaves[0].dtype}), which lrp reads as token ids, but the model failed "
                            f"before any embedding layer read them ({type(exc).__name__}: {exc}); pass a "
                            f"floating-point input instead") from exc
         raise
@@ -254,17 +283,30 @@ def _forward(model: torch.nn.Module, trace: Trace, leaf: Tensor, tokens: bool) -
             "statistics (powers, roots, var, std, norm of the signal), so no relevance would reach the input; "
             "these ops are supported only where a statistic scales the signal (x * rsqrt(mean(x**2)), x / norm). "
             "Register a lrp.rules.ModuleRule for the module that computes the output this way.")
-    if out.shape[:1] != leaf.shape[:1]:
+    if out.shape[:1] != leaves[0].shape[:1]:
         raise LRPError(f"the model output has shape {tuple(out.shape)}; explain needs the batch dimension "
-                       f"first, as in the input {tuple(leaf.shape)}")
-    if tokens and not trace.token_leaves:
-        raise LRPError(f"x holds integers ({leaf.dtype}), which lrp reads as token ids, but no embedding layer "
+                       f"first, as in the input {tuple(leaves[0].shape)}")
+    if len(leaves) == 1 and _unread_ids(trace, leaves):  # with several inputs: a mask or lengths, held fixed
+        raise LRPError(f"x holds integers ({leaves[0].dtype}), which lrp reads as token ids, but no embedding layer "
                        f"(nn.Embedding / F.embedding) reads them; pass a floating-point input instead")
     return out
 
 
-def _explanation(trace: Trace, relevance: Tensor, out: Tensor, idx: Optional[Tensor], start: Tensor,
-                 comp: Composite) -> Explanation:
+def _unread_ids(trace: Trace, leaves: list[Tensor]) -> list[int]:
+    """The integer inputs no embedding read (their positions among all ids: see ``Trace.token_positions``)."""
+    unread, start = [], 0
+    for k, t in enumerate(leaves):
+        if t.is_floating_point():
+            continue
+        end = start + t.numel()
+        if not any(bool(((p >= start) & (p < end)).any()) for p in trace.token_positions):
+            unread.append(k)
+        start = end
+    return unread
+
+
+def _explanation(trace: Trace, relevance: Union[Tensor, list[Tensor]], out: Tensor, idx: Optional[Tensor],
+                 start: Tensor, comp: Composite) -> Explanation:
     total = start.reshape(start.shape[0], -1).sum(1)
     conservation: dict[str, Tensor] = {}
     rules: dict[str, str] = {}
@@ -275,5 +317,7 @@ def _explanation(trace: Trace, relevance: Tensor, out: Tensor, idx: Optional[Ten
             conservation[layer.name] = layer.total / (total if layer.total.ndim else total.sum())
         if layer.relevance is not None:
             layers[layer.name] = layer.relevance
-    conservation["input"] = relevance.reshape(relevance.shape[0], -1).sum(1) / total
-    return Explanation(relevance, out, idx, start, conservation, rules, layers, comp)
+    parts = relevance if isinstance(relevance, list) else [relevance]
+    conservation["input"] = sum(r.reshape(r.shape[0], -1).sum(1) for r in parts) / total
+    kept = tuple(relevance) if isinstance(relevance, list) else relevance  # a tuple for a tuple of inputs
+    return Explanation(kept, out, idx, start, conservation, rules, layers, comp)  # type: ignore[arg-type]

@@ -27,6 +27,9 @@ COLORMAPS: dict[str, list[tuple[int, int, int]]] = {
 
 
 def _to_numpy(values: ArrayLike) -> np.ndarray:
+    if isinstance(values, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in values):
+        raise TypeError(f"got {len(values)} tensors: the relevance of a model with several inputs is a tuple, one "
+                        f"tensor per input; draw each on its own, e.g. lrp.heatmap(res.relevance[0][0])")
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).numpy()
     return np.asarray(values, dtype=np.float64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -50,10 +50,20 @@ class Trace:
     #: layers under epsilon keep no input (``False``: the plain way, kept as the tests' reference)
     keep_less = True
 
-    def __init__(self, model: torch.nn.Module, composite: Composite, x: Tensor):
+    def __init__(self, model: torch.nn.Module, composite: Composite, x: Union[Tensor, Sequence[Tensor]]):
         self.model = model
         self.composite = composite
-        self.x = x
+        self.inputs: list[Tensor] = [x] if isinstance(x, Tensor) else list(x)  # the model's inputs, in order
+        self.x = self.inputs[0]  # the first: its first dimension is the batch
+        self.has_ids = any(not t.is_floating_point() for t in self.inputs)  # token ids among the inputs
+        # the float inputs that are images (channels and 2 or 3 spatial dimensions): what "pixels" rules read
+        self.image_leaves = {id(t) for t in self.inputs if t.is_floating_point() and t.ndim in (4, 5)}
+        # "first" layers for the composite (input rules such as z^B, whose bounds are one input's value range):
+        # with one input, every layer that reads it (for token ids: the layers after the embedding); with several
+        # inputs and float ones among them, the layers reading an image input, or, without images, a float input
+        # (never the layers after an embedding: they read vectors the model made, not values of an input)
+        floats = {id(t) for t in self.inputs if t.is_floating_point()}
+        self.first_leaves = (self.image_leaves or floats) if len(self.inputs) > 1 and floats else None
         self.layers: list[LayerRecord] = []
         self.batchnorms: list[BatchNormRecord] = []
         self.known: dict[int, TensorFacts] = {}
@@ -66,10 +76,10 @@ class Trace:
         self.composite_sees_rectified = all(
             rule.sees_rectified_output()
             for rule in (comp.default, *comp.by_type.values(), *comp.by_position.values(), *comp.by_name.values()))
-        # an image: channels plus 2 or 3 spatial dimensions (what the "pixels" position key needs)
-        self.image_input = x.is_floating_point() and x.ndim in (4, 5)
-        if x.is_floating_point():
-            self.note(x).route = (_identity, x)
+        self.image_input = bool(self.image_leaves)  # an input is an image (what the "pixels" position key needs)
+        for t in self.inputs:
+            if t.is_floating_point():
+                self.note(t).route = (_identity, t)
         self.stack: list[tuple[str, torch.nn.Module, Any, Any]] = []
         self.names = {module: name for name, module in model.named_modules()}
         self.calls: dict[str, int] = {}
@@ -77,9 +87,13 @@ class Trace:
         self.trusted = 0
         self.decomposing = 0
         self.token_leaves: list[Tensor] = []  # embedding outputs when the model input is token ids
-        self.token_positions: list[Tensor] = []  # for each: the flat position in the input of each id it embeds
-        if not x.is_floating_point():
-            self.note(x).positions = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+        # for each: the position of each id it embeds among the ids of all inputs, flattened one after the other
+        self.token_positions: list[Tensor] = []
+        start = 0
+        for t in self.inputs:
+            if not t.is_floating_point():
+                self.note(t).positions = torch.arange(start, start + t.numel(), device=t.device).reshape(t.shape)
+                start += t.numel()
 
     # ------------------------------------------------------------------ facts about tensors
     def facts(self, t: Tensor) -> Optional[TensorFacts]:
@@ -344,7 +358,7 @@ class Trace:
                 self.note(out).origin = self.origin_of(signal[0])
         if name in optable.ROUTE:
             self.note_views(out)
-        if not self.x.is_floating_point() and self.ids_seen(operands):
+        if self.has_ids and self.ids_seen(operands):
             self._follow_ids(name, func, args, kwargs, operands, out)
         if fixed is not None and not needs_grad(out):  # ``+ eps``, a cast, a reshape; a reduction ends a moment
             made_by, moment, source = fixed

@@ -349,13 +349,15 @@ def _layer(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict)
     route = trace.route_of(a)
     record = LayerRecord(len(trace.layers), layer_name, module, op, weight, bias, id(a),
                          reads_input=route is not None, replay=route[0] if route else None,
-                         root=route[1] if route else None)
+                         root=route[1] if route else None,
+                         reads_image=route is not None and id(route[1]) in trace.image_leaves,
+                         first=route is not None and (trace.first_leaves is None or id(route[1]) in trace.first_leaves))
     record.batch_first = not trace.decomposing
     record.nonnegative_input = trace.is_nonnegative(a)
     record.input_spec = (tuple(a.shape[1:]), a.dtype, a.device)
     if trace.keep_less:
         record.early_rule = trace.composite.rule_before_count(
-            LayerInfo(layer_name, module, op.kind, record.index, -1, record.reads_input, trace.image_input))
+            LayerInfo(layer_name, module, op.kind, record.index, -1, record.first, record.reads_image))
     trace.layers.append(record)
     z = LayerFunction.apply(a, weight, bias, record)
     record.hold(z, "z")
@@ -559,7 +561,7 @@ def _embedding(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: d
     """With token ids as the model input, the embedding vectors become the leaves relevance flows to."""
     ids = args[0] if args else kwargs.get("input")
     out = func(*args, **kwargs)
-    positions = trace.positions_of(ids) if isinstance(ids, Tensor) and not trace.x.is_floating_point() else None
+    positions = trace.positions_of(ids) if isinstance(ids, Tensor) and trace.has_ids else None
     entry = trace.facts(ids) if isinstance(ids, Tensor) and positions is None else None
     if entry is not None and entry.from_ids:
         raise UnsupportedOperationError(

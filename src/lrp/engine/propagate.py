@@ -11,7 +11,7 @@ run its backward, or kept across calls in a :class:`WeightCache` (``lrp.Explaine
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -152,16 +152,18 @@ class Propagation:
         count = len(trace.layers)
         positions = trace.composite.by_position
         key = "pixels" if "pixels" in positions and trace.image_input else "first" if "first" in positions else None
-        if (trace.layers and key is not None and trace.x.is_floating_point()
-                and not any(layer.reads_input for layer in trace.layers)):
-            warnings.warn(
-                f"the composite's first-layer rule {positions[key]!r} applies to layers that read "
-                f"the model input, but in this model the input passes through other ops first (e.g. a normalisation "
-                f"inside forward), so no layer gets it; the other rules apply. Move preprocessing out of the model "
-                f"to use input rules.", stacklevel=5)
+        reached = any(layer.reads_image if key == "pixels" else layer.first for layer in trace.layers)
+        if trace.layers and key is not None and any(t.is_floating_point() for t in trace.inputs) and not reached:
+            several = sum(t.is_floating_point() for t in trace.inputs) > 1
+            how = ("the inputs are combined (e.g. torch.cat) or changed by other ops before the first layer, so no "
+                   "layer reads one of them directly; the other rules apply. Combine them outside the model "
+                   "(one input) to use input rules." if several else
+                   "the input passes through other ops first (e.g. a normalisation inside forward), so no layer "
+                   "gets it; the other rules apply. Move preprocessing out of the model to use input rules.")
+            warnings.warn(f"the composite's first-layer rule {positions[key]!r} applies to layers that read "
+                          f"the model input, but in this model {how}", stacklevel=5)
         for layer in trace.layers:
-            info = LayerInfo(layer.name, layer.module, layer.kind, layer.index, count, layer.reads_input,
-                             trace.image_input)
+            info = LayerInfo(layer.name, layer.module, layer.kind, layer.index, count, layer.first, layer.reads_image)
             layer.rule = layer.early_rule or trace.composite.rule_for(info)  # chosen in the forward if it could be
             if layer.rule.direct and not layer.reads_input:
                 raise RuleError(
@@ -276,28 +278,42 @@ class Propagation:
             if self.cache is not None:
                 self.cache.sweep()
 
-    def input_relevance(self, roots: list, grads: list, tokens: bool, x: Tensor, out: Tensor) -> Tensor:
-        """``root * g`` plus what input rules gave the root directly; for token ids summed over each embedding
-        vector and added up at the position in ``x`` of the id it embeds."""
-        relevance = None
-        positions = self.trace.token_positions
-        for i, (root, g) in enumerate(zip(roots, grads)):
+    def input_relevance(self, roots: list, grads: list, inputs: Sequence[Tensor], out: Tensor) -> list[Tensor]:
+        """The relevance of each model input: ``root * g`` plus what input rules gave the root directly. A float
+        input is its own root; for token ids, each embedding vector's relevance is summed and added up at the
+        position of the id it embeds (``trace.token_positions``: positions among the ids of all inputs)."""
+        float_inputs = {id(t): k for k, t in enumerate(inputs) if t.is_floating_point()}
+        found: list[Optional[Tensor]] = [None] * len(inputs)
+        id_inputs = [k for k, t in enumerate(inputs) if not t.is_floating_point()]
+        id_total: Optional[Tensor] = None  # relevance per id, all id inputs flattened one after the other
+        count = sum(inputs[k].numel() for k in id_inputs)
+        positions = iter(self.trace.token_positions)
+        for root, g in zip(roots, grads):
             dtype = working_dtype(root)  # float32 for half-precision inputs (see explain's docstring)
             r = (torch.zeros_like(root, dtype=dtype) if g is None
                  else to_working(root.detach(), dtype) * to_working(g, dtype))
             if id(root) in self.direct:
                 r = r + self.direct[id(root)]
-            if tokens:
-                per_id, at = r.sum(-1).reshape(-1), positions[i].reshape(-1)
-                keep = at >= 0  # -1: an id that came from no input token (padding put in by the model)
-                r = torch.zeros(x.numel(), dtype=per_id.dtype, device=per_id.device)
-                r.index_add_(0, at[keep], per_id[keep])
-                r = r.reshape(x.shape)
-            relevance = r if relevance is None else relevance + r
-        if relevance is None:
-            relevance = torch.zeros(x.shape, dtype=working_dtype(x if x.is_floating_point() else out),
-                                    device=x.device)
-        return relevance.detach()
+            k = float_inputs.get(id(root))
+            if k is not None:
+                found[k] = r
+                continue
+            per_id, at = r.sum(-1).reshape(-1), next(positions).reshape(-1)
+            keep = at >= 0  # -1: an id that came from no input token (padding put in by the model)
+            if id_total is None:
+                id_total = torch.zeros(count, dtype=per_id.dtype, device=per_id.device)
+            elif id_total.dtype != per_id.dtype:  # embeddings of different dtypes read the ids
+                dtype = torch.promote_types(id_total.dtype, per_id.dtype)
+                id_total, per_id = id_total.to(dtype), per_id.to(dtype)
+            id_total.index_add_(0, at[keep], per_id[keep])
+        start = 0
+        for k in id_inputs:
+            n = inputs[k].numel()
+            if id_total is not None:
+                found[k] = id_total[start:start + n].reshape(inputs[k].shape)
+            start += n
+        return [(r if r is not None else torch.zeros(t.shape, dtype=working_dtype(t if t.is_floating_point() else out),
+                                                     device=t.device)).detach() for r, t in zip(found, inputs)]
 
     def release(self) -> None:
         self._tables.clear()

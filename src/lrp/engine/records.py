@@ -79,6 +79,8 @@ class LayerRecord:
     reads_input: bool
     replay: Optional[Replay] = None
     root: Optional[Tensor] = None  # the relevance root the layer input re-indexes (for input rules)
+    reads_image: bool = False  # that root is an image input (for "pixels" rules)
+    first: bool = False  # a "first" layer for the composite: it reads an input (a float one, when ids come too)
     batch_first: bool = True  # False inside decomposed ops, whose tensors may put the batch elsewhere
     nonnegative_input: bool = False
     input_spec: tuple = ()  # (shape of one input sample, dtype, device)
