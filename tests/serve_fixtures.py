@@ -88,6 +88,50 @@ def slow() -> nn.Module:
                          nn.Linear(2 * 8 * 8, 2)).eval()
 
 
+# The camera's held model: like ``slow``, with gates of its own (the camera tests hold frames in the model while
+# they send more, or close the socket).
+CAMERA_ENTERED = threading.Event()
+CAMERA_GATE = threading.Event()
+
+
+class HoldBright(nn.Module):
+    """Passes its input on; on a bright input (mean > 0.9) it first sets ``CAMERA_ENTERED`` and waits for
+    ``CAMERA_GATE`` (at most 60 s)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.detach().mean()) > 0.9:
+            CAMERA_ENTERED.set()
+            CAMERA_GATE.wait(60)
+        return x
+
+
+def held() -> nn.Module:
+    """A 1x8x8 classifier that holds bright inputs until ``CAMERA_GATE`` opens."""
+    torch.manual_seed(0)
+    return nn.Sequential(HoldBright(), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(2 * 8 * 8, 2)).eval()
+
+
+def paper_digit(digit: np.ndarray, size: tuple[int, int] = (280, 280), scale: int = 8, shift: tuple[int, int] = (0, 0),
+                paper: float = 255.0, ink: float = 255.0, noise: float = 0.0, shading: float = 0.0,
+                seed: int = 0) -> np.ndarray:
+    """A (28, 28) white-on-black digit in [0, 1] as dark ink on light paper, as a camera sees it: enlarged
+    ``scale`` times (nearest), centred in a ``size`` (width, height) sheet of gray ``paper`` (moved by ``shift``),
+    the ink ``ink`` darker at full strength, with gaussian ``noise`` and a left-to-right ``shading`` ramp.
+    uint8 (height, width). With the defaults exactly ``255 * (1 - digit)``, enlarged."""
+    width, height = size
+    sheet = np.full((height, width), paper, dtype=np.float64)
+    if shading:
+        sheet += np.linspace(-shading / 2, shading / 2, width)[None]
+    big = np.kron(digit, np.ones((scale, scale)))
+    top = (height - big.shape[0]) // 2 + shift[1]
+    left = (width - big.shape[1]) // 2 + shift[0]
+    sheet[top:top + big.shape[0], left:left + big.shape[1]] -= big * ink
+    if noise:
+        sheet += np.random.default_rng(seed).normal(0, noise, sheet.shape)
+    return np.clip(np.round(sheet), 0, 255).astype(np.uint8)
+
+
 TEXT_LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 

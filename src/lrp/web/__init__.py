@@ -11,8 +11,13 @@ from importlib.util import find_spec
 
 # import name -> name on PyPI
 REQUIREMENTS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+# uvicorn's WebSockets (the Camera tab) need one of these; the web extra installs the first
+WEBSOCKETS = {"wsproto": "wsproto", "websockets": "websockets"}
 
 
 def missing_dependencies() -> list[str]:
     """The PyPI names of the web extra's packages that are not installed."""
-    return [package for module, package in REQUIREMENTS.items() if find_spec(module) is None]
+    missing = [package for module, package in REQUIREMENTS.items() if find_spec(module) is None]
+    if all(find_spec(module) is None for module in WEBSOCKETS):
+        missing.append(next(iter(WEBSOCKETS.values())))
+    return missing

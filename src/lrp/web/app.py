@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Awaitable, Callable, MutableMapping, Optional, Sequence, Union
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from . import service
+from . import camera, service
 from ..pipeline.text import is_text_spec
 from .schemas import (MAX_TEXT_CHARS, TEXT_COMPOSITE, ErrorResponse, ExplainArrayRequest, ExplainForm,
                       ExplainOptions, ExplainResponse, ExplainTextRequest, ExplainTextResponse, Limits, ModelInfo,
@@ -198,6 +198,13 @@ def create_app(models: Sequence[Union[Served, str]] = DEFAULT_MODELS, *, warm_up
         found = pick(name, "text")
         assert isinstance(found, ServedText)
         return found
+
+    app.state.camera = camera.CameraSessions(pick_image)
+
+    @app.websocket(camera.PATH)
+    async def camera_frames(ws: WebSocket) -> None:
+        """The Camera tab: frames in (binary), options in (JSON text), answers out (JSON); see lrp.web.camera."""
+        await app.state.camera.serve(ws)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -95,6 +95,33 @@ class ExplainResponse(BaseModel):
     elapsed_ms: float = Field(..., description="time to decode, explain and encode on the server")
 
 
+class CameraTiming(BaseModel):
+    """Where a camera frame's time went on the server, in milliseconds."""
+
+    decode_ms: float = Field(..., description="decoding the frame")
+    explain_ms: float = Field(..., description="preparing the input, the model and LRP, the PNGs")
+    render_ms: float = Field(..., description="drawing the heatmap over the frame and encoding it as JPEG")
+
+
+class CameraResult(ExplainResponse):
+    """The answer to one frame sent to the WebSocket ``/api/camera``: what ``POST /api/explain`` answers (without
+    ``overlay``), and the frame with its heatmap over it."""
+
+    type: Literal["result"] = "result"
+    number: int = Field(..., description="the frame answered: 1 for the session's first frame, 2 for the next...")
+    dropped: int = Field(..., description="frames of this session dropped so far: replaced by a newer frame before "
+                                          "the model got to them")
+    view: str = Field(..., description="the frame with its heatmap over the part the model saw (the rest darkened), "
+                                       "JPEG data URL, the frame's size")
+    width: int = Field(..., description="the frame's width in pixels")
+    height: int = Field(..., description="the frame's height in pixels")
+    seen: Frame = Field(..., description="the part of the frame the model saw, in its pixels (preprocess='digit': "
+                                         "the 28x28 grid, which may reach past the frame's edges)")
+    note: Optional[str] = Field(None, description="preprocess='digit': why the frame shows no digit (no ink found on "
+                                                  "the paper); else None")
+    timing: CameraTiming
+
+
 class PreprocessingInfo(BaseModel):
     """How a model's images are preprocessed (the options of ``lrp explain``)."""
 

@@ -185,6 +185,11 @@ def explain_input(served: ServedModel, prepared: Prepared, options: ExplainOptio
                   started: Optional[float] = None) -> ExplainResponse:
     """Explain one prepared input; the answer of ``POST /api/explain``."""
     started = time.perf_counter() if started is None else started
+    return response(served, explain_outcome(served, prepared, options), options, started)
+
+
+def explain_outcome(served: ServedModel, prepared: Prepared, options: ExplainOptions) -> Outcome:
+    """Explain one prepared input (the model runs under its lock: one explanation at a time per model)."""
     if options.composite not in COMPOSITES:
         raise ServiceError(422, f"unknown composite {options.composite!r}; choose one of {', '.join(COMPOSITES)}")
     try:
@@ -202,12 +207,16 @@ def explain_input(served: ServedModel, prepared: Prepared, options: ExplainOptio
     if outcome.probabilities is None:
         raise ServiceError(422, f"model {served.name!r} gives no class scores for this input; the web app explains "
                                 f"classifiers (output: batch x classes, or one sigmoid score)")
-    return _response(served, outcome, options, started)
+    return outcome
 
 
-def _response(served: ServedModel, outcome: Outcome, options: ExplainOptions, started: float) -> ExplainResponse:
+def response(served: ServedModel, outcome: Outcome, options: ExplainOptions, started: float, *,
+             overlay: bool = True) -> ExplainResponse:
+    """The answer for an explained input; ``overlay=False`` leaves the overlay out (the camera draws its own)."""
     prepared = outcome.prepared
     shown = pictures(outcome, "bwr")
+    if not overlay:
+        shown.pop("overlay", None)
     heat = shown.get("heatmap") or shown.get("bands")
     pred = outcome.predicted if outcome.predicted is not None else outcome.target
     frame = prepared.frame

@@ -785,11 +785,373 @@ function setupText() {
   updateCount();
 }
 
+// ------------------------------------------------------------------ camera
+
+const CAMERA_SQUARE = 0.75;  // digits: the centre square of this share of the frame's shorter side is sent...
+const DIGIT_SIDE = 280;      // ...at most this many pixels a side (as the drawing pad)
+const FRAME_SIDE = 640;      // other models: the whole frame, at most this many pixels on its longer side
+const JPEG_QUALITY = 0.85;
+const FPS_WINDOW_MS = 2000;  // frames/s: the answers of the last this many milliseconds
+const ERROR_PAUSE_MS = 500;  // after a frame the server could not explain, wait this long before the next
+
+const cam = {
+  stream: null,   // the camera while it runs
+  ws: null,       // the WebSocket to /api/camera
+  busy: false,    // a frame is on its way: the next one is sent when its answer is back, so nothing piles up
+  target: null,   // the class to explain; null: the prediction
+  answers: [],    // when the recent answers came, for frames/s
+  frames: 0,      // answers shown since the camera started
+  result: null,   // the answer shown
+  fresh: false,   // the camera has shown a frame that was not sent yet
+  waiting: false, // an answer is back: send the camera's next frame as soon as it shows
+  run: 0,         // which start of the camera this is (the frame watcher of an earlier one stops)
+  canvas: document.createElement("canvas"),
+};
+
+function cameraMessage(message) {
+  const box = $("#cam-message");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function cameraModel() {
+  return app.imageModels.find((m) => m.name === $("#cam-model").value) || app.imageModels[0];
+}
+
+function digitMode() {
+  return cameraModel().drawable && $("#cam-preprocess").value === "digit";
+}
+
+function cameraOptions() {
+  return { model: cameraModel().name, composite: $("#cam-composite").value, target: cam.target,
+           preprocess: digitMode() ? "digit" : "model", invert: $("#cam-invert").checked };
+}
+
+function sendCameraOptions() {
+  if (cam.ws && cam.ws.readyState === WebSocket.OPEN) cam.ws.send(JSON.stringify(cameraOptions()));
+}
+
+function describeCamera() {
+  const digit = digitMode();
+  $("#cam-hint").textContent = digit
+    ? "Write a digit in thick dark strokes on white paper and hold it inside the square, the paper filling it. " +
+      "The square is cropped, inverted and centred as a drawn digit is."
+    : `The whole frame goes through ${cameraModel().name}'s preprocessing, as an upload does; what the model ` +
+      "does not see is darkened.";
+  $("#cam-input-caption").textContent = digit ? "model input (28×28)" : "model input";
+  placeGuide();
+}
+
+function fillCameraControls() {
+  const model = cameraModel();
+  fillComposites($("#cam-composite"), model);
+  $("#cam-preprocess-field").hidden = !model.drawable;
+  $("#cam-preprocess").value = model.drawable ? "digit" : "model";
+  $("#cam-invert").checked = model.drawable || Boolean(model.preprocessing && model.preprocessing.invert);
+  cam.target = null;
+  describeCamera();
+}
+
+// The square that is sent (digits), drawn over the video where the video shows.
+function placeGuide() {
+  const video = $("#cam-video");
+  const guide = $("#cam-guide");
+  const vw = video.videoWidth;
+  const vh = video.videoHeight;
+  guide.hidden = !(cam.stream && vw && vh && digitMode());
+  if (guide.hidden) return;
+  const cw = video.clientWidth;
+  const ch = video.clientHeight;
+  const scale = Math.min(cw / vw, ch / vh);
+  const side = CAMERA_SQUARE * Math.min(vw, vh) * scale;
+  Object.assign(guide.style, { width: `${side}px`, height: `${side}px`, left: `${(cw - side) / 2}px`,
+                               top: `${(ch - side) / 2}px` });
+}
+
+// Where the frame sent comes from in the video, and its size.
+function captureRegion(video) {
+  const vw = video.videoWidth;
+  const vh = video.videoHeight;
+  if (digitMode()) {
+    const side = Math.round(CAMERA_SQUARE * Math.min(vw, vh));
+    const out = Math.min(DIGIT_SIDE, side);
+    return { sx: (vw - side) / 2, sy: (vh - side) / 2, sw: side, sh: side, w: out, h: out };
+  }
+  const scale = Math.min(1, FRAME_SIDE / Math.max(vw, vh));
+  return { sx: 0, sy: 0, sw: vw, sh: vh, w: Math.round(vw * scale), h: Math.round(vh * scale) };
+}
+
+function cameraFailure(err) {
+  switch (err && err.name) {
+    case "NotAllowedError":
+    case "PermissionDeniedError":
+    case "SecurityError":
+      return "The camera is blocked: this page was not allowed to use it. Allow the camera for this site (the " +
+        "camera icon in the address bar, or the browser's site settings), then press Start camera.";
+    case "NotFoundError":
+    case "DevicesNotFoundError":
+    case "OverconstrainedError":
+      return "No camera found: connect a camera (or switch it on), then press Start camera. The Upload tab " +
+        "explains photos too.";
+    case "NotReadableError":
+    case "TrackStartError":
+    case "AbortError":
+      return "The camera could not be started: another program may be using it. Close that program, then " +
+        "press Start camera.";
+    default:
+      return `The camera could not be started: ${(err && err.message) || err}`;
+  }
+}
+
+async function startCamera() {
+  if (cam.stream) return;
+  cameraMessage("");
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    cameraMessage("This browser offers no camera here: browsers give the camera only to pages on https:// or " +
+      "on this machine (http://localhost or http://127.0.0.1). Open the page that way, or use the Upload tab.");
+    return;
+  }
+  $("#cam-start").disabled = true;
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false });
+  } catch (err) {
+    $("#cam-start").disabled = false;
+    cameraMessage(cameraFailure(err));
+    return;
+  }
+  if ($("#camera").hidden) {  // the tab was left meanwhile
+    stream.getTracks().forEach((track) => track.stop());
+    $("#cam-start").disabled = false;
+    return;
+  }
+  cam.stream = stream;
+  const video = $("#cam-video");
+  video.srcObject = stream;
+  video.onloadedmetadata = placeGuide;
+  video.play().catch(() => {});
+  watchFrames(video, ++cam.run);
+  $("#cam-stop").disabled = false;
+  $("#cam-idle").hidden = true;
+  cam.answers = [];
+  cam.frames = 0;
+  openCameraSocket();
+}
+
+function stopCamera() {
+  const ws = cam.ws;
+  cam.ws = null;
+  cam.busy = false;
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "camera stopped");
+  if (cam.stream) cam.stream.getTracks().forEach((track) => track.stop());
+  cam.stream = null;
+  $("#cam-video").srcObject = null;
+  $("#cam-guide").hidden = true;
+  $("#cam-idle").hidden = false;
+  $("#cam-start").disabled = false;
+  $("#cam-stop").disabled = true;
+  cam.answers = [];
+  $("#cam-fps").textContent = "– frames/s";
+}
+
+function openCameraSocket() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/api/camera`);
+  cam.ws = ws;
+  cam.busy = false;
+  let opened = false;
+  ws.onopen = () => {
+    opened = true;
+    ws.send(JSON.stringify(cameraOptions()));
+    sendFrame();
+  };
+  ws.onmessage = (event) => {
+    if (cam.ws === ws) cameraAnswer(JSON.parse(event.data));
+  };
+  ws.onclose = (event) => {
+    if (cam.ws !== ws) return;  // closed by the page
+    stopCamera();
+    if (!opened) {
+      cameraMessage("Could not connect to the server's camera socket (/api/camera): the server may have " +
+        "stopped, or runs without WebSocket support (pip install 'lrp[web]' installs it).");
+    } else if (event.code !== 1000) {
+      const why = event.reason || `connection closed (code ${event.code})`;
+      if ($("#cam-message").hidden) cameraMessage(`The camera stopped: ${why}. Press Start camera to go on.`);
+    }
+  };
+}
+
+// One frame at a time: the next one goes when the answer to this one is back.
+function sendFrame() {
+  const ws = cam.ws;
+  const video = $("#cam-video");
+  if (!ws || ws.readyState !== WebSocket.OPEN || cam.busy) return;
+  if (!video.videoWidth) {
+    setTimeout(sendFrame, 50);
+    return;
+  }
+  const region = captureRegion(video);
+  const canvas = cam.canvas;
+  canvas.width = region.w;
+  canvas.height = region.h;
+  canvas.getContext("2d").drawImage(video, region.sx, region.sy, region.sw, region.sh, 0, 0, region.w, region.h);
+  cam.busy = true;
+  cam.fresh = false;
+  cam.waiting = false;
+  canvas.toBlob((blob) => {
+    if (cam.ws !== ws || ws.readyState !== WebSocket.OPEN || !blob) {
+      if (cam.ws === ws) cam.busy = false;
+      return;
+    }
+    ws.send(blob);
+  }, "image/jpeg", JPEG_QUALITY);
+}
+
+// Notes each new frame the camera shows, and sends it when an answer is waiting for one.
+function watchFrames(video, run) {
+  if (!video.requestVideoFrameCallback) return;
+  const tick = () => {
+    if (cam.run !== run || !cam.stream) return;
+    cam.fresh = true;
+    if (cam.waiting) {
+      cam.waiting = false;
+      sendFrame();
+    }
+    video.requestVideoFrameCallback(tick);
+  };
+  video.requestVideoFrameCallback(tick);
+}
+
+// After an answer: the camera's next frame, at once if it has one the server has not seen (or after a pause).
+function nextFrame(pause) {
+  const video = $("#cam-video");
+  if (pause) {
+    setTimeout(sendFrame, pause);
+  } else if (!video.requestVideoFrameCallback) {
+    setTimeout(sendFrame, 1000 / 30);
+  } else if (cam.fresh) {
+    sendFrame();
+  } else {
+    cam.waiting = true;
+    setTimeout(sendFrame, 200);  // in case no new frame comes (a paused or frozen camera)
+  }
+}
+
+function cameraAnswer(message) {
+  if (message.type === "result") {
+    cam.busy = false;
+    if (cam.stream) renderCamera(message);
+    nextFrame(0);
+  } else if (message.type === "error") {
+    cameraMessage(message.error);
+    if (message.number !== undefined) {  // the answer to a frame: go on after a pause
+      cam.busy = false;
+      nextFrame(ERROR_PAUSE_MS);
+    }
+  }
+}
+
+function framesPerSecond() {
+  const now = performance.now();
+  cam.answers.push(now);
+  while (cam.answers.length > 2 && now - cam.answers[0] > FPS_WINDOW_MS) cam.answers.shift();
+  const span = (now - cam.answers[0]) / 1000;
+  return cam.answers.length > 1 && span > 0 ? (cam.answers.length - 1) / span : 0;
+}
+
+// The bars, updated in place while the classes stay the same, so that a click is not lost to the next frame.
+function updateCameraBars(res) {
+  const container = $("#cam-bars");
+  const pick = (i) => {
+    cam.target = cam.result && i === cam.result.prediction ? null : i;
+    sendCameraOptions();
+  };
+  if (res.probabilities.length > 10) {  // many classes: the top 5, which change from frame to frame
+    renderBars(container, res, (i) => pick(i === null ? res.prediction : i), 5);
+    container.dataset.model = "";
+    return;
+  }
+  if (container.dataset.model !== res.model || container.children.length !== res.probabilities.length) {
+    renderBars(container, res, () => {}, 0);
+    container.dataset.model = res.model;
+    for (const row of container.children) {
+      const fresh = row.cloneNode(true);  // without renderBars's handler
+      fresh.addEventListener("click", () => pick(Number(fresh.dataset.cls)));
+      row.replaceWith(fresh);
+    }
+  }
+  for (const row of container.children) {
+    const i = Number(row.dataset.cls);
+    row.className = "bar" + (i === res.prediction ? " predicted" : "") + (i === res.target ? " target" : "");
+    row.title = i === res.target ? "explained now" : `why ${classLabel(res.model, i)}?`;
+    row.querySelector(".fill").style.width = `${Math.max(0, Math.min(1, res.probabilities[i])) * 100}%`;
+    row.querySelector(".value").textContent = percent(res.probabilities[i]);
+  }
+}
+
+function renderCamera(res) {
+  cam.result = res;
+  cam.frames += 1;
+  const fps = framesPerSecond();
+  const view = $("#cam-view");
+  view.src = res.view;
+  view.dataset.frames = String(cam.frames);
+  view.dataset.fps = fps.toFixed(2);
+  $("#cam-view-empty").hidden = true;
+  const fpsLine = $("#cam-fps");
+  fpsLine.replaceChildren();
+  const b = document.createElement("b");
+  b.textContent = fps ? fps.toFixed(1) : "–";
+  fpsLine.append(b, ` frames/s · ${res.elapsed_ms.toFixed(0)} ms on the server · ${res.width}×${res.height}` +
+    (res.dropped ? ` · ${res.dropped} dropped` : ""));
+  $("#cam-pred").textContent = res.note ? "–" : res.prediction_label;
+  $("#cam-pred-text").textContent = res.note || `predicted with ${percent(res.probabilities[res.prediction])}`;
+  const explaining = $("#cam-explaining");
+  explaining.replaceChildren("explaining: ");
+  const target = document.createElement("b");
+  target.id = "cam-target";
+  target.textContent = res.target === res.prediction && cam.target === null
+    ? `${res.target_label} (the prediction)` : res.target_label;
+  explaining.append(target);
+  if (cam.target !== null) {
+    const back = document.createElement("button");
+    back.className = "link";
+    back.textContent = "back to the prediction";
+    back.addEventListener("pointerdown", () => { cam.target = null; sendCameraOptions(); });
+    explaining.append(" · ", back);
+  }
+  updateCameraBars(res);
+  $("#cam-input").src = res.input_image || "";
+  $("#cam-heatmap").src = res.heatmap || "";
+  $("#cam-heatmap-caption").textContent = `relevance for ${res.target_label}`;
+  $("#cam-stats").textContent = `${stats(res)} (decode ${res.timing.decode_ms.toFixed(1)}, explain ` +
+    `${res.timing.explain_ms.toFixed(1)}, draw ${res.timing.render_ms.toFixed(1)})`;
+}
+
+function setupCamera() {
+  const models = $("#cam-model");
+  models.replaceChildren(...app.imageModels.map((m) => option(m.name, m.name)));
+  $("#cam-model-field").hidden = app.imageModels.length < 2;
+  const first = app.imageModels.find((m) => m.drawable);
+  if (first) models.value = first.name;
+  fillCameraControls();
+  models.addEventListener("change", () => { fillCameraControls(); sendCameraOptions(); });
+  $("#cam-composite").addEventListener("change", sendCameraOptions);
+  $("#cam-preprocess").addEventListener("change", () => { describeCamera(); sendCameraOptions(); });
+  $("#cam-invert").addEventListener("change", sendCameraOptions);
+  $("#cam-start").addEventListener("click", startCamera);
+  $("#cam-stop").addEventListener("click", stopCamera);
+  window.addEventListener("resize", placeGuide);
+  window.addEventListener("pagehide", stopCamera);
+}
+
 // ------------------------------------------------------------------ tabs and start
 
-const TABS = ["draw", "upload", "text"];
+const TABS = ["draw", "upload", "camera", "text"];
 
 function showTab(name) {
+  if (name !== "camera" && cam.stream) stopCamera();  // the camera runs only while its tab shows
   for (const tab of TABS) {
     $(`#tab-${tab}`).setAttribute("aria-selected", String(tab === name));
     $(`#${tab}`).hidden = tab !== name;
@@ -821,7 +1183,9 @@ async function start() {
       $("#draw-unavailable").hidden = false;
     }
     setupUpload();
-    available.push("draw", "upload");
+    $("#tab-camera").hidden = false;
+    setupCamera();
+    available.push("draw", "upload", "camera");
   } else {  // text models only: no image tabs
     $("#tab-draw").hidden = true;
     $("#tab-upload").hidden = true;
