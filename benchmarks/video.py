@@ -89,33 +89,34 @@ def blob_frames(n: int, width: int = 320, height: int = 256) -> np.ndarray:
 
 # --------------------------------------------------------------------------- methods
 
-def gradient_batch(explainer, pipeline: Pipeline, inputs: list, target: Optional[int], path: Path) -> torch.Tensor:
-    """Gradient x input of the predicted (or given) logit, summed over the channels, shaped as lrp.video's maps."""
-    x = torch.stack(inputs).to(pipeline.device).requires_grad_(True)
-    out = pipeline.model(x)
-    index = out.argmax(1) if target is None else torch.full((len(x),), target, device=out.device)
-    (grad,) = torch.autograd.grad(out.gather(1, index[:, None]).sum(), x)
-    return (grad * x).detach().sum(1)
+def gradient_x_input(pipeline: Pipeline) -> Callable[[torch.Tensor, Optional[int]], torch.Tensor]:
+    """Gradient x input of the predicted (or given) logit: an ``explain`` for :func:`lrp.video.explain_video`."""
+    def explain(x: torch.Tensor, target: Optional[int]) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        out = pipeline.model(x)
+        index = out.argmax(1) if target is None else torch.full((len(x),), target, device=out.device)
+        (grad,) = torch.autograd.grad(out.gather(1, index[:, None]).sum(), x)
+        return (grad * x).detach()
+    return explain
 
 
-def no_model_batch(explainer, pipeline: Pipeline, inputs: list, target: Optional[int], path: Path) -> torch.Tensor:
-    x = inputs[0]
-    return torch.zeros(len(inputs), *x.shape[-2:], device=pipeline.device)
+def no_model(pipeline: Pipeline) -> Callable[[torch.Tensor, Optional[int]], torch.Tensor]:
+    """A zero heatmap without running the model: decoding, preprocessing, rendering and encoding alone."""
+    def explain(x: torch.Tensor, target: Optional[int]) -> torch.Tensor:
+        return torch.zeros(len(x), *x.shape[-2:], device=x.device)
+    return explain
 
 
-BATCH_FUNCTIONS: dict[str, Optional[Callable]] = {"lrp": None, "grad": gradient_batch, "none": no_model_batch}
+# None: lrp video's own LRP (one lrp.Explainer, epsilon-plus-flat)
+EXPLAIN: dict[str, Optional[Callable[[Pipeline], Callable]]] = {"lrp": None, "grad": gradient_x_input,
+                                                                 "none": no_model}
 
 
 def run_once(pipeline: Pipeline, clip: Path, out: Path, method: str, batch: int, device: str) -> tuple[int, float]:
-    """(frames, seconds) of one explain_video run with ``method`` in place of LRP."""
-    original = lrp.video._explain_batch
-    replacement = BATCH_FUNCTIONS[method]
-    if replacement is not None:
-        lrp.video._explain_batch = replacement  # type: ignore[assignment]
-    try:
-        summary = lrp.video.explain_video(pipeline, clip, out, batch_size=batch, progress=False)
-    finally:
-        lrp.video._explain_batch = original  # type: ignore[assignment]
+    """(frames, seconds) of one explain_video run with ``method`` in place of LRP (its ``explain`` hook)."""
+    make = EXPLAIN[method]
+    summary = lrp.video.explain_video(pipeline, clip, out, batch_size=batch, progress=False,
+                                      explain=make(pipeline) if make is not None else None)
     if device == "cuda":
         torch.cuda.synchronize()
     return summary.frames, summary.seconds

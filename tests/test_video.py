@@ -20,15 +20,17 @@ av = pytest.importorskip("av", reason="lrp video needs PyAV: pip install 'lrp[vi
 
 from lrp.cli import main  # noqa: E402
 from lrp.pipeline import Pipeline  # noqa: E402
-from lrp.video import VideoError, explain_video  # noqa: E402
+from lrp.pipeline.inputs import Preprocess  # noqa: E402
+from lrp.video import VideoError, VideoReader, VideoWriter, explain_video, seen_box  # noqa: E402
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 SCALE = 4  # the digit clips: each MNIST pixel a 4x4 block of a 112x112 frame
 
 
-def write_clip(path, frames, rate=25, codec="libx264", pts=None, time_base=None, audio=False):
-    """Encode RGB frames (N, H, W, 3) uint8; ``pts`` in ``time_base`` for variable frame rates."""
-    with av.open(str(path), "w") as container:
+def write_clip(path, frames, rate=25, codec="libx264", pts=None, time_base=None, audio=False, options=None):
+    """Encode RGB frames (N, H, W, 3) uint8; ``pts`` in ``time_base`` for variable frame rates; ``options``: the
+    container's (e.g. MP4's movflags)."""
+    with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "pal8" if codec == "gif" else "yuv420p"
@@ -213,6 +215,51 @@ def test_variable_frame_rate_gif_odd_size_and_formats(model, tmp_path, capsys):
     assert len(read_clip(tmp_path / "s.avi")[0]) == 4
 
 
+def test_avi_keeps_an_unusual_average_rate(tmp_path, capsys):
+    """A phone-like clip at about 24 frames/s whose frame steps jitter (average rate 450000/18751, more than MPEG-4
+    part 2's time base can hold as is): the AVI keeps its duration and rate, each frame within half a frame of its
+    time, and the summary gives the rate."""
+    steps = [3751, 3749, 3760, 3740, 3750, 3751, 3749, 3800, 3700, 3753] * 3
+    pts = [int(v) for v in np.cumsum([0] + steps)[:30]]
+    path = tmp_path / "phone.mp4"
+    write_clip(path, digit_frames(30), rate=24, pts=pts, time_base=Fraction(1, 90000))
+    _, times, rate = read_clip(path)
+    assert (1 / Fraction(rate)).denominator >= 1 << 16 and 23.99 < rate < 24.01
+    out = tmp_path / "phone.avi"
+    status, stdout, stderr = run_main(capsys, "video", str(path), "--out", str(out))
+    assert status == 0, stderr
+    assert re.search(r"30 frames, 112x112 at 23\.999 frames/s \(mpeg4\)", stdout), stdout
+    assert "AVI cannot keep" not in stderr  # jitter is not a variable frame rate
+    written, written_times, written_rate = read_clip(out)
+    frame = 1 / float(rate)
+    assert len(written) == 30 and float(written_rate) == pytest.approx(float(rate), rel=1e-5)
+    assert np.abs(np.subtract(written_times, times)).max() < frame / 2
+    assert written_times[-1] + 1 / float(written_rate) == pytest.approx(times[-1] + frame, abs=frame / 10)
+
+
+def test_variable_frame_rate_avi_is_constant_with_a_note(tmp_path, capsys):
+    """AVI stores a constant rate: a variable-rate WebM keeps its frame count, and a note says the timing is lost
+    and which formats keep it; the MP4 keeps the timestamps, and the summary gives the real average rate (frames /
+    their time), not the 25 frames/s the WebM's header names."""
+    stamps = [0, 40, 80, 200, 240, 500, 540, 580]  # ms: 8 frames in 0.62 s
+    path = tmp_path / "vfr.webm"
+    write_clip(path, digit_frames(8), codec="libvpx-vp9", pts=stamps, time_base=Fraction(1, 1000))
+    _, times, rate = read_clip(path)
+    assert rate == 25 and times == pytest.approx([t / 1000 for t in stamps])
+    status, stdout, stderr = run_main(capsys, "video", str(path), "--out", str(tmp_path / "vfr.avi"))
+    assert status == 0, stderr
+    assert (f"note: AVI cannot keep variable frame timing: {tmp_path}/vfr.avi plays at a constant 25 frames/s (the "
+            f"average rate {path} gives), so some frames show up to 0.30 s away from their time in {path}; write "
+            f".mp4, .mkv or .webm to keep the timing") in stderr
+    written, written_times, written_rate = read_clip(tmp_path / "vfr.avi")
+    assert len(written) == 8 and written_rate == 25 and written_times == pytest.approx(np.arange(8) / 25)
+    status, stdout, stderr = run_main(capsys, "video", str(path), "--out", str(tmp_path / "vfr.mp4"))
+    assert status == 0 and "AVI cannot keep" not in stderr
+    written, written_times, written_rate = read_clip(tmp_path / "vfr.mp4")
+    assert written_times == pytest.approx(times, abs=1e-3) and written_rate == Fraction(8 * 1000, 620)
+    assert "8 frames, 112x112 at 12.903 frames/s (libx264)" in stdout
+
+
 def test_display_rotation_is_applied(tmp_path, capsys):
     """A phone video stored sideways with a display rotation: the model and the output see it upright."""
     if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
@@ -273,6 +320,62 @@ def test_unreadable_video_exits_2_with_one_line(case, clip, tmp_path, capsys):
     assert not out.exists() and not out.parent.exists()
 
 
+@pytest.mark.parametrize("kind", ["webm", "mp4 faststart"])
+def test_video_cut_short_gives_the_frames_read_with_a_note(kind, tmp_path, capsys):
+    """A file cut at 60% whose header states the whole length (WebM: its duration; MP4 with the index in front: its
+    frame count): the frames that could be read are written (exit 0), and stderr and the summary say the input
+    ends early. The whole file gives no such note."""
+    frames = (np.random.default_rng(0).random((40, 64, 64, 3)) * 255).astype(np.uint8)
+    whole = tmp_path / ("whole.webm" if kind == "webm" else "whole.mp4")
+    if kind == "webm":
+        write_clip(whole, frames, codec="libvpx-vp9")
+    else:
+        write_clip(whole, frames, options={"movflags": "+faststart"})
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{whole.suffix}"
+    cut.write_bytes(data[:int(len(data) * 0.6)])
+    status, stdout, stderr = run_main(capsys, "video", str(whole), "--out", str(tmp_path / "whole_lrp.mp4"))
+    assert status == 0 and "ends early" not in stderr + stdout and "40 frames" in stdout
+    out = tmp_path / "cut_lrp.mp4"
+    status, stdout, stderr = run_main(capsys, "video", str(cut), "--out", str(out))
+    assert status == 0, stderr
+    read = len(read_clip(out)[0])
+    assert 5 < read < 40
+    assert (f"note: {cut} ends early: {read} frames read, the file says about 40 (it may be cut short); the output "
+            f"has the {read} frames read") in stderr
+    assert f"{read} frames (the input ends early: its file states about 40)" in stdout
+
+
+def test_output_that_is_the_input_stops_before_the_model_loads(clip, tmp_path, capsys):
+    path = tmp_path / "in.mp4"
+    path.write_bytes(clip[0].read_bytes())
+    link = tmp_path / "link.mp4"
+    link.symlink_to(path)
+    for out in (path, link):  # no such model: the output is checked first
+        status, _, stderr = run_main(capsys, "video", str(path), "--model", "no_such_model", "--out", str(out))
+        assert status == 2 and stderr.strip() == f"lrp: error: {out}: is the input video; give another output name"
+    assert path.read_bytes() == clip[0].read_bytes()
+
+
+def test_paths_the_system_refuses_give_one_line(clip, tmp_path, capsys, monkeypatch):
+    """OSErrors (a name too long, a rename that fails) end in one line, exit 2, and no partial file."""
+    long = tmp_path / ("x" * 300 + ".mp4")
+    status, _, stderr = run_main(capsys, "video", str(clip[0]), "--out", str(long))
+    assert status == 2 and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith(f"lrp: error: cannot write {long} (File name too long)")
+    status, _, stderr = run_main(capsys, "video", str(long), "--out", str(tmp_path / "o.mp4"))
+    assert status == 2 and stderr.strip() == f"lrp: error: {long}: cannot be read (File name too long)"
+
+    def refuse(source, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(lrp.video.os, "replace", refuse)
+    status, _, stderr = run_main(capsys, "video", str(clip[0]), "--out", str(tmp_path / "o.mp4"))
+    assert status == 2
+    assert stderr.strip() == f"lrp: error: cannot write {tmp_path}/o.mp4 (Permission denied); choose another output"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_that_cannot_be_written(clip, tmp_path, capsys):
     path = clip[0]
     (tmp_path / "afile").write_text("a file where the output folder should be")
@@ -319,6 +422,98 @@ def test_failure_midway_leaves_no_output(clip, tmp_path):
         explain_video(pipeline, clip[0], out, batch_size=4, progress=False)
     assert out.read_bytes() == b"an older video" and no_leftovers(tmp_path)
     assert calls == [4, 4]
+
+
+# --------------------------------------------------------------------------- in Python
+
+def test_in_process_run_keeps_torch_threads(clip, tmp_path, capsys):
+    """lrp video runs mnist on one torch thread; main() called in a process that goes on gives its threads back,
+    also when it fails."""
+    before = torch.get_num_threads()
+    wanted = 3 if before == 2 else 2
+    torch.set_num_threads(wanted)
+    try:
+        status, _, stderr = run_main(capsys, "video", str(clip[0]), "--out", str(tmp_path / "t.mp4"))
+        assert status == 0, stderr
+        assert torch.get_num_threads() == wanted
+        status, _, _ = run_main(capsys, "video", str(clip[0]), "--out", str(tmp_path / "t.mp4"), "--target", "10")
+        assert status == 2 and torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_explain_hook_and_a_reader_passed_in(clip, tmp_path):
+    """``explain=`` replaces LRP (here: no relevance, so the heatmap panel is the colour map's white middle); a
+    VideoReader passed in is read but left to its caller to close."""
+    calls = []
+
+    def nothing(x, target):
+        calls.append((tuple(x.shape), target))
+        return torch.zeros(len(x), 28, 28)
+
+    out = tmp_path / "hook.mp4"
+    with VideoReader(clip[0]) as reader:
+        closes = []
+        original = reader.close
+        reader.close = lambda: closes.append(1)
+        summary = explain_video(Pipeline.load("mnist"), reader, out, target=3, batch_size=5, layout="side-by-side",
+                                progress=False, explain=nothing)
+        assert closes == []
+        reader.close = original
+    assert calls == [((5, 1, 28, 28), 3), ((5, 1, 28, 28), 3), ((2, 1, 28, 28), 3)]
+    assert summary.frames == summary.explained == 12 and summary.rate == 25
+    panel = read_clip(out)[0][:, :, 112:]
+    assert panel.min() > 240  # white, as lrp.heatmap shows zero relevance
+
+
+def test_crop_box_is_the_preprocessing_crop():
+    pre = Preprocess(size=256, crop=224)
+    # 333x250 -> resized to 341x256 -> the 224x224 from (58, 16), in the frame's pixels
+    assert pre.crop_box(333, 250) == pytest.approx((58 * 333 / 341, 16 * 250 / 256, 282 * 333 / 341,
+                                                    240 * 250 / 256))
+    assert seen_box(333, 250, pre) == (57, 16, 275, 234)
+    assert Preprocess(size=28).crop_box(96, 64) == (0, 0, 96, 64)  # no crop
+    assert Preprocess(crop=100).crop_box(96, 64) == (0, 0, 96, 64)  # larger than the picture: from_image refuses
+    picture = Image.fromarray((np.random.default_rng(0).random((250, 333, 3)) * 255).astype(np.uint8))
+    x, seen = pre.from_image(picture)
+    assert seen.size == (224, 224)  # from_image crops where crop_box says: resized, then its centre
+    resized = picture.resize((341, 256), Image.Resampling.BILINEAR)
+    assert np.array_equal(np.asarray(seen), np.asarray(resized.crop((58, 16, 282, 240))))
+
+
+def test_side_by_side_heatmap_sits_on_the_crop(tmp_path, monkeypatch):
+    """A torchvision model (resnet18, random weights, resize 256 and crop 224) on 333x250 frames: the panel shows
+    lrp.heatmap(lrp.explain(frame)) resized to the part the model saw, exactly (before encoding), and the fill
+    gray around it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=4).state_dict(), weights)
+    pipeline = Pipeline.load("resnet18", weights)
+    frames = (np.random.default_rng(0).random((2, 250, 333, 3)) * 255).astype(np.uint8)
+    frames[:, :, :60] = 0
+    path = tmp_path / "frames.webm"
+    write_clip(path, frames, codec="libvpx-vp9")
+    shown = []
+    write = VideoWriter.write
+    monkeypatch.setattr(VideoWriter, "write", lambda self, batch, stamps: (shown.extend(batch),
+                                                                            write(self, batch, stamps)))
+    explain_video(pipeline, path, tmp_path / "out.webm", layout="side-by-side", progress=False)
+    with VideoReader(path) as reader:
+        decoded = [frame for frame, _ in reader]
+    left, top, right, bottom = box = seen_box(333, 250, pipeline.pre)
+    assert box == (57, 16, 275, 234) and len(shown) == 2
+    composite = pipeline.composite("epsilon-plus-flat", kind="image")[0]
+    for frame, output in zip(decoded, shown):
+        assert np.array_equal(output[:, :333], frame)
+        relevance = lrp.explain(pipeline.model, pipeline.image(Image.fromarray(frame)).x[None],
+                                composite=composite).relevance[0]
+        expected = np.asarray(lrp.heatmap(relevance, size=(right - left, bottom - top))).astype(int)
+        panel = output[:, 333:].astype(int)
+        assert np.abs(panel[top:bottom, left:right] - expected).max() <= 1  # colours rounded in float32 here
+        panel[top:bottom, left:right] = lrp.video.PANEL_OUTSIDE
+        assert (panel == lrp.video.PANEL_OUTSIDE).all()
 
 
 # --------------------------------------------------------------------------- the README's command lines

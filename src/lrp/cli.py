@@ -407,22 +407,26 @@ def _video(args: argparse.Namespace) -> int:
     source = Path(args.input)
     suffix = source.suffix.lower() if source.suffix.lower() in OUTPUT_FORMATS else ".mp4"
     out = Path(args.out) if args.out else Path(f"{source.stem}_lrp{suffix}")
-    check_output(out)
+    check_output(out, source)  # a bad output stops here, before the model loads
     composite = args.composite or "epsilon-plus-flat"
-    reader = VideoReader(source)  # a missing or broken video stops here, before the model loads
-    try:
-        pipeline = _pipeline(args)
-        threads = args.threads or default_threads(pipeline.model)
-        if threads:
-            import torch
-            torch.set_num_threads(threads)
-        comp, note = pipeline.composite(composite, kind="image", maxpool=args.maxpool, low=args.low, high=args.high)
-        if note:
-            _note(f"{composite}: {note}")
-        summary = explain_video(pipeline, reader, out, comp, args.target, every=args.every,
-                                batch_size=args.batch_size, layout=args.layout, cmap=args.cmap, note=_note)
-    finally:
-        reader.close()
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    # a missing or broken video stops here, before the model loads
+    with VideoReader(source) as reader:
+        try:
+            pipeline = _pipeline(args)
+            threads = args.threads or default_threads(pipeline.model)
+            if threads:
+                torch.set_num_threads(threads)
+            comp, note = pipeline.composite(composite, kind="image", maxpool=args.maxpool, low=args.low,
+                                            high=args.high)
+            if note:
+                _note(f"{composite}: {note}")
+            summary = explain_video(pipeline, reader, out, comp, args.target, every=args.every,
+                                    batch_size=args.batch_size, layout=args.layout, cmap=args.cmap, note=_note)
+        finally:  # main() called in a process that goes on (tests, notebooks) keeps its threads
+            torch.set_num_threads(previous_threads)
     print(summary.line())
     return 0
 
@@ -599,17 +603,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     vd = sub.add_parser("video", help="explain a video frame by frame; writes it back with the heatmaps",
                         description="Explain the frames of a video (mp4, mov, mkv, webm, avi, animated gif) in "
-                                    "batches and write a video with the same frame count, frame rate and size: "
-                                    "the heatmap over each frame (--layout overlay) or next to it (side-by-side). "
-                                    "Where the preprocessing crops, the heatmap covers the part the model saw and "
-                                    "the rest is darkened. The sound is not copied. The output is written to a "
+                                    "batches and write a video with the same frame count, timestamps and size "
+                                    "(.avi: a constant frame rate, the average): the heatmap over each frame "
+                                    "(--layout overlay) or next to it (side-by-side), each scaled to its own "
+                                    "frame's largest relevance (see --layout). Where the preprocessing "
+                                    "crops, the heatmap covers the part the model saw and the rest is darkened. "
+                                    "The sound is not copied. A video that ends before the length its file states "
+                                    "gives the frames that could be read, with a note. The output is written to a "
                                     "hidden file next to it and renamed at the end: a failed run leaves nothing. "
                                     "Needs PyAV: pip install 'lrp[video]'.",
                         epilog=_preprocessing_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     vd.add_argument("input", help="the video file")
     vd.add_argument("--out", help="the output video; its suffix picks the format: .mp4, .mov, .mkv (H.264), .webm "
-                                  "(VP9), .avi (MPEG-4), .gif (default: <input name>_lrp.<its suffix, or mp4>, in "
-                                  "the current folder)")
+                                  "(VP9), .avi (MPEG-4, constant frame rate), .gif (default: <input name>_lrp.<its "
+                                  "suffix, or mp4>, in the current folder)")
     vd.add_argument("--model", default="mnist", help=MODEL_SPECS)
     vd.add_argument("--weights", help="a state dict for the model (a fine-tuned head of another size is fine)")
     vd.add_argument("--classes", help="text file with one class name per line")
@@ -634,8 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     vd.add_argument("--threads", type=int, help="torch threads (default: 1 for models under 5 M parameters, such "
                                                 "as mnist; else torch's default, one per core)")
     vd.add_argument("--layout", choices=["overlay", "side-by-side"], default="overlay",
-                    help="overlay: the heatmap blended over the frame (default); side-by-side: the frame, and the "
-                         "heatmap next to it (twice as wide)")
+                    help="overlay: the heatmap blended over the frame's gray (default); side-by-side: the frame, "
+                         "and the heatmap next to it (twice as wide). Each frame's heatmap is scaled to that "
+                         "frame's largest relevance, so every frame uses the full colour range: colour strength "
+                         "does not compare between frames. The overlay's gray is the frame's brightness as it is "
+                         "(lrp explain stretches each picture's contrast between its 1st and 99th percentiles; on "
+                         "video that would make the brightness flicker)")
     vd.add_argument("--cmap", default="bwr", choices=["bwr", "seismic", "coldnhot", "gray", "wred"],
                     help="colour map (default: bwr: red for, blue against the class)")
     vd.set_defaults(func=_video)

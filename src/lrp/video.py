@@ -2,14 +2,21 @@
 
 Decoding and encoding go through PyAV (``pip install 'lrp[video]'``), whose wheels bundle FFmpeg: no ``ffmpeg``
 binary is needed, every common container and codec reads (mp4, mov, mkv, webm, avi, animated gif), each frame
-comes with its timestamp (so variable frame rates survive), and H.264, VP9, MPEG-4 and GIF are written.
+comes with its timestamp (so variable frame rates survive in mp4, mov, mkv, webm and gif), and H.264, VP9, MPEG-4
+and GIF are written.
 
 The frames go through the model's preprocessing (:meth:`lrp.pipeline.Pipeline.image`), are explained in batches
 by one :class:`lrp.Explainer` (what the weights give is built once for the whole video), rendered in batches with
 torch on the pipeline's device, and encoded. The output has the input's frame count, timestamps (so its frame
-rate) and frame size (sizes that H.264 cannot store, odd ones, get one pixel of edge added); the audio is not
-copied. It is written to a hidden file next to the output and renamed at the end, so that a failed run leaves
-nothing behind.
+rate; AVI stores a constant rate only: the input's average one) and frame size (sizes that H.264 cannot store, odd
+ones, get one pixel of edge added); the audio is not copied. It is written to a hidden file next to the output and
+renamed at the end, so that a failed run leaves nothing behind. A video that ends before the length its file states
+(cut short) gives the frames that could be read, with a note.
+
+Colours: each explained frame's relevance is scaled by its own largest magnitude (as :func:`lrp.heatmap` and
+:func:`lrp.overlay` do for one picture), so every frame uses the colour map's full range and colour strength is not
+comparable between frames. The overlay's gray base is the frame's brightness mapped linearly (no per-frame contrast
+stretch, unlike :func:`lrp.overlay`'s default (1, 99) percentile stretch, which would make the brightness flicker).
 
 Where the preprocessing crops (torchvision models: the centre 224x224 of the frame resized to 256), the heatmap is
 mapped back onto the part of the frame the model saw, and the rest of the frame is shown darkened.
@@ -17,6 +24,7 @@ mapped back onto the part of the frame the model saw, and the rest of the frame 
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sys
@@ -70,10 +78,11 @@ class VideoSummary:
     explained: int  # frames sent through the model
     width: int
     height: int
-    rate: Fraction  # the output's average frame rate (the input's)
+    rate: Fraction  # the output's average frame rate: frames / the time its timestamps span
     codec: str
     seconds: float  # decode -> explain -> render -> encode, from the first frame to the renamed file
     notes: list[str] = field(default_factory=list)
+    stated: Optional[int] = None  # the frames the input's file states (about), where it ends early; else None
 
     @property
     def frames_per_second(self) -> float:
@@ -81,6 +90,8 @@ class VideoSummary:
 
     def line(self) -> str:
         every = "" if self.explained == self.frames else f", {self.explained} of them explained"
+        if self.stated is not None:
+            every += f" (the input ends early: its file states about {self.stated})"
         return (f"wrote {self.out}: {self.frames} frames{every}, {self.width}x{self.height} at "
                 f"{_rate_text(self.rate)} frames/s ({self.codec}); {self.frames_per_second:.1f} frames/s end to end "
                 f"(decode, explain, render, encode) in {self.seconds:.1f} s")
@@ -98,10 +109,13 @@ class VideoReader:
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
-        if self.path.is_dir():
-            raise VideoError(f"{self.path}: is a folder; give {READABLE}")
-        if not self.path.exists():
-            raise VideoError(f"{self.path}: no such file")
+        try:
+            if self.path.is_dir():
+                raise VideoError(f"{self.path}: is a folder; give {READABLE}")
+            if not self.path.exists():
+                raise VideoError(f"{self.path}: no such file")
+        except OSError as exc:  # permission denied on a folder above it, a name too long, ...
+            raise VideoError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
         try:
             self.container = av.open(str(self.path), "r")
         except av.FFmpegError as exc:
@@ -133,6 +147,11 @@ class VideoReader:
         self.time_base = Fraction(self.stream.time_base) if self.stream.time_base else 1 / self.rate
         self.frame_count: Optional[int] = self.stream.frames or None  # None: the container does not say
         self.rotation = 0  # degrees the frames were turned (counterclockwise) to show them upright
+        # what was read, to tell a video cut short (see ends_early)
+        self.frames_read = 0
+        self._first_pts: Optional[int] = None
+        self._end_pts: Optional[int] = None  # the last frame's pts + duration
+        self.stopped: Optional[str] = None  # why decoding stopped before the end of the file (FFmpeg's reason)
         self._rgb = av.video.reformatter.VideoReformatter()
         self._frames = self._decode()
         try:
@@ -152,9 +171,12 @@ class VideoReader:
             except StopIteration:
                 return
             except av.FFmpegError as exc:
-                where = f"after {count} frames" if count else "at its first frame"
-                raise VideoError(f"{self.path}: the video cannot be decoded {where} ({_reason(exc)}); the file is "
-                                 f"broken or cut short") from None
+                if not count:
+                    raise VideoError(f"{self.path}: the video cannot be decoded at its first frame ({_reason(exc)}); "
+                                     f"the file is broken or cut short") from None
+                # a file cut short often ends in half a packet: keep the frames before it (see ends_early)
+                self.stopped = _reason(exc)
+                return
             for frame in decoded:
                 # one converter for all frames (a frame's own builds its scaler anew: ~10x slower at small sizes)
                 array: np.ndarray = self._rgb.reformat(frame, format="rgb24").to_ndarray()
@@ -163,7 +185,66 @@ class VideoReader:
                     array = np.ascontiguousarray(np.rot90(array, k=turn // 90))
                     self.rotation = turn
                 count += 1
+                self._track(frame.pts, frame.duration or None)
                 yield array, (frame.pts, frame.duration or None)
+
+    def _track(self, pts: Optional[int], duration: Optional[int]) -> None:
+        self.frames_read += 1
+        if pts is None:
+            return
+        if self._first_pts is None:
+            self._first_pts = pts
+        step = duration or max(1, round(1 / (self.rate * self.time_base)))  # unknown: one frame at the rate
+        self._end_pts = max(self._end_pts or pts + step, pts + step)
+
+    def stated_seconds(self) -> Optional[float]:
+        """How long the file says the video lasts, in seconds (None: it does not say): the video stream's
+        duration, or with a frame count that an edit list cannot shorten (not MP4/MOV: they count samples that
+        an edit list may drop) the time those frames take at the average rate, or the whole file's duration when
+        it holds video only."""
+        stream, container = self.stream, self.container
+        seconds: Optional[float] = None
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif stream.metadata.get("DURATION"):  # Matroska and WebM (as FFmpeg writes them): per stream
+            seconds = _clock_seconds(stream.metadata["DURATION"])
+        elif container.duration and all(s.type == "video" for s in container.streams):
+            seconds = container.duration / av.time_base
+        if self.frame_count and "mp4" not in container.format.name.split(","):
+            seconds = max(seconds or 0.0, float(self.frame_count / self.rate))
+        return seconds
+
+    def stated_frames(self) -> Optional[int]:
+        """About how many frames the file states it holds (None: it does not say)."""
+        seconds = self.stated_seconds()
+        counts = [n for n in (self.frame_count, round(seconds * self.rate) if seconds else None) if n]
+        return max(counts) if counts else None
+
+    def ends_early(self) -> bool:
+        """After the last frame was read: whether the frames read end more than two frames' time before the
+        length the file states (or, where it states a frame count only, are fewer), or decoding stopped on an
+        error. Not an error in itself: the frames read are fine, and a trimmed file may state more than it holds."""
+        if self.stopped is not None:
+            return True
+        stated = self.stated_seconds()
+        if stated is not None and self._first_pts is not None and self._end_pts is not None:
+            seconds = float((self._end_pts - self._first_pts) * self.time_base)
+            return seconds < stated - 2.5 / float(self.rate)
+        return bool(self.frame_count and self.frames_read < self.frame_count)
+
+    def early_end_text(self) -> str:
+        """What :meth:`ends_early` found, in a sentence for the user."""
+        read, stated = self.frames_read, self.stated_frames()
+        why = f"; decoding stopped: {self.stopped}" if self.stopped else ""
+        if stated is not None and stated > read:
+            return (f"{self.path} ends early: {read} frames read, the file says about {stated} (it may be cut "
+                    f"short{why}); the output has the {read} frames read")
+        if self.stopped is not None:
+            return (f"{self.path} ends early: decoding stopped after {read} frames ({self.stopped}); the file may "
+                    f"be broken or cut short; the output has the {read} frames read")
+        read_seconds = float(((self._end_pts or 0) - (self._first_pts or 0)) * self.time_base)
+        return (f"{self.path} ends early: {read} frames read, {read_seconds:.2f} s, the file says about "
+                f"{self.stated_seconds() or 0:.2f} s (it may be cut short); the output has the {read} frames read")
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, Stamp]]:
         """(frame, (pts, duration) in :attr:`time_base`, or None) for every frame, the first one included."""
@@ -187,6 +268,15 @@ class VideoReader:
         self.close()
 
 
+def _clock_seconds(text: str) -> Optional[float]:
+    """'00:00:01.600000000' -> 1.6; None where it does not read."""
+    try:
+        hours, minutes, seconds = text.strip().split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+
+
 def _reason(exc: BaseException) -> str:
     """An FFmpeg error without its errno and file name: 'Invalid data found when processing input'."""
     text = getattr(exc, "strerror", None) or str(exc)
@@ -205,15 +295,22 @@ def _ffmpeg_version() -> str:
 
 # --------------------------------------------------------------------------- writing
 
-def check_output(out: Union[str, Path]) -> tuple[str, str]:
-    """(container format, codec family) for an output path, from its suffix; :class:`VideoError` otherwise."""
+def check_output(out: Union[str, Path], source: Union[str, Path, None] = None) -> tuple[str, str]:
+    """(container format, codec family) for an output path, from its suffix; :class:`VideoError` where the suffix
+    is unknown, the path is a folder or (given ``source``) it is the input video itself."""
     out = Path(out)
     fmt = OUTPUT_FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise VideoError(f"{out}: unknown video format {out.suffix or '(no suffix)'!r}; end the output's name "
                          f"with {', '.join(OUTPUT_FORMATS)} (.mp4: H.264, .webm: VP9, .avi: MPEG-4, .gif: GIF)")
-    if out.is_dir():
+    try:
+        folder = out.is_dir()
+    except OSError as exc:  # permission denied on a folder above it, a name too long, ...
+        raise VideoError(f"cannot write {out} ({exc.strerror or exc}); choose another output") from None
+    if folder:
         raise VideoError(f"{out}: is a folder; give the output video's file name, e.g. {out / 'explained.mp4'}")
+    if source is not None and os.path.realpath(out) == os.path.realpath(source):
+        raise VideoError(f"{out}: is the input video; give another output name")
     return fmt
 
 
@@ -273,14 +370,21 @@ class VideoWriter:
         self._last = -1
         self._index = 0
         self._durations: dict[int, int] = {}  # pts -> duration, in the output's time base
+        # what was written, for the average rate and the notes: the first pts and the last one's end (output time
+        # base), frames without a timestamp, and (constant rate: AVI) how far frames moved from their input times
+        self._first: Optional[int] = None
+        self._end: Optional[int] = None
+        self.unstamped = 0
+        self._first_stamp: Optional[int] = None
+        self.largest_shift = 0.0  # seconds
 
     def _make_folder(self) -> list[Path]:
         missing = []
         folder = self.out.parent
-        while not folder.exists() and folder != folder.parent:
-            missing.append(folder)
-            folder = folder.parent
         try:
+            while not folder.exists() and folder != folder.parent:
+                missing.append(folder)
+                folder = folder.parent
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
@@ -297,14 +401,20 @@ class VideoWriter:
                 break
 
     def _open_stream(self, rate: Fraction, time_base: Fraction, options: dict[str, str]) -> None:
-        # rate: the nominal rate; timestamps are copied, so variable frame rates are kept (AVI: constant rate)
+        # rate: the input's average rate; timestamps are copied, so variable frame rates are kept, except in MPEG-4
+        # part 2 (AVI): a constant rate, one frame per tick of a time base whose denominator is below 2**16 (the
+        # closest such to 1 / rate: 24000/1001 stays exact, an odd measured average such as 450000/18751 moves by
+        # under a millionth)
+        constant = self.family == "mpeg4" or self.codec == "mpeg4"
+        if constant:
+            rate = 1 / (1 / rate).limit_denominator((1 << 16) - 1)
         self.stream = cast(av.video.stream.VideoStream,
                            self.container.add_stream(self.codec, rate=rate, options=options))
         self.stream.width = self.width + self.pad[0]
         self.stream.height = self.height + self.pad[1]
         self.stream.pix_fmt = "pal8" if self.family == "gif" else "yuv420p"
-        if self.family == "mpeg4" or self.codec == "mpeg4":  # MPEG-4 part 2: time base denominators < 2**16
-            self.time_base = 1 / rate if (1 / rate).denominator < 1 << 16 else Fraction(1, 30)
+        if constant:
+            self.time_base = 1 / rate
             self.stream.bit_rate = int(max(1_000_000, 0.25 * self.stream.width * self.stream.height * float(rate)))
             self.copy_pts = False
         elif self.family == "gif":  # GIF stores delays in hundredths of a second
@@ -336,6 +446,7 @@ class VideoWriter:
             value = max(value, self._last + 1)  # strictly increasing, also where rounding merges two stamps
             frame.pts, frame.time_base = value, self.time_base
             self._last = value
+            self._track(value, stamp, duration)
             try:
                 if self.copy_pts and duration:  # the muxer writes it for the last frame (GIF: its delay)
                     self._durations[value] = max(1, int(round(duration * self._source_base / self.time_base)))
@@ -344,6 +455,34 @@ class VideoWriter:
                 raise VideoError(f"cannot write {self.out}: {self.codec} fails at frame {self._index} "
                                  f"({_reason(exc)}); try another format (.mp4, .webm, .gif)") from None
             self._index += 1
+
+    def _track(self, value: int, stamp: Optional[int], duration: Optional[int]) -> None:
+        if stamp is None:
+            self.unstamped += 1
+        if self._first is None:
+            self._first = value
+        if not self.copy_pts:
+            length = 1
+            if stamp is not None:  # how far the constant rate put this frame from its time in the input
+                if self._first_stamp is None:
+                    self._first_stamp = stamp
+                wanted = (stamp - self._first_stamp) * self._source_base
+                self.largest_shift = max(self.largest_shift, abs(float(self._index * self.time_base - wanted)))
+        else:
+            length = max(1, int(round(duration * self._source_base / self.time_base))) if duration else self._step
+        self._end = max(self._end or 0, value + length)
+
+    def average_rate(self) -> Optional[Fraction]:
+        """Frames written / the time they span (the first frame's start to the last one's end), as players
+        and ``ffprobe`` give the average frame rate; None before a frame was written."""
+        if self._first is None or self._end is None or self._end <= self._first:
+            return None
+        return self._index / ((self._end - self._first) * self.time_base)
+
+    def shifted(self) -> bool:
+        """Whether the constant rate (AVI) moved a frame by more than half a frame from its input time: the
+        input's frame rate varies."""
+        return not self.copy_pts and self.largest_shift > 0.5 * float(self.time_base)
 
     def _mux(self, packets: list) -> None:
         for packet in packets:
@@ -360,7 +499,11 @@ class VideoWriter:
         except av.FFmpegError as exc:
             self.abort()
             raise VideoError(f"cannot write {self.out} ({_reason(exc)}); choose another output") from None
-        os.replace(self.temp, self.out)
+        try:
+            os.replace(self.temp, self.out)
+        except OSError as exc:  # a folder took its name meanwhile, a read-only mount, ...
+            self.abort()
+            raise VideoError(f"cannot write {self.out} ({exc.strerror or exc}); choose another output") from None
 
     def abort(self) -> None:
         """Close and remove the partial file (and the folders made for it)."""
@@ -393,16 +536,9 @@ def _palette_frame(array: np.ndarray) -> av.VideoFrame:
 
 def seen_box(width: int, height: int, pre: Preprocess) -> tuple[int, int, int, int]:
     """The part of a ``width`` x ``height`` frame the model sees after ``pre``'s resize and centre crop:
-    (left, top, right, bottom) in the frame's pixels."""
-    rw, rh = width, height
-    if pre.size:
-        scale = pre.size / min(width, height)
-        rw, rh = max(1, round(width * scale)), max(1, round(height * scale))
-    if not pre.crop or pre.crop > min(rw, rh):
-        return 0, 0, width, height
-    left, top = (rw - pre.crop) // 2, (rh - pre.crop) // 2
-    sx, sy = width / rw, height / rh
-    return (round(left * sx), round(top * sy), round((left + pre.crop) * sx), round((top + pre.crop) * sy))
+    (left, top, right, bottom) in the frame's pixels, :meth:`Preprocess.crop_box` rounded to whole pixels."""
+    left, top, right, bottom = pre.crop_box(width, height)
+    return round(left), round(top), round(right), round(bottom)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -489,9 +625,15 @@ class Renderer:
 
 
 def _nearest(source: int, target: int, device: torch.device) -> torch.Tensor:
-    """Indices of the source pixel that each of ``target`` pixels shows (nearest, centres aligned, as PIL)."""
-    positions = (torch.arange(target, device=device, dtype=torch.float64) + 0.5) * (source / target)
-    return positions.floor().long().clamp(0, source - 1)
+    """Indices of the source pixel that each of ``target`` pixels shows: PIL's nearest resize (as
+    :func:`lrp.heatmap` with ``size``) of a line of pixel indices, so that ties fall as PIL's do."""
+    return torch.from_numpy(_nearest_indices(source, target)).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _nearest_indices(source: int, target: int) -> np.ndarray:
+    line = Image.fromarray(np.arange(source, dtype=np.int32)[None])  # mode "I": 32-bit integers
+    return np.asarray(line.resize((target, 1), Image.Resampling.NEAREST), dtype=np.int64)[0]
 
 
 def _resampling(source: int, target: int, device: torch.device) -> torch.Tensor:
@@ -539,39 +681,51 @@ def default_threads(model: torch.nn.Module) -> Optional[int]:
     return 1 if _small(model) else None
 
 
+Explain = Callable[[torch.Tensor, Optional[int]], torch.Tensor]  # (inputs, target) -> relevance
+
+
 def explain_video(pipeline: Pipeline, source: Union[str, Path, VideoReader], out: Union[str, Path],
                   composite: Union[str, Composite] = "epsilon-plus-flat", target: Union[int, str, None] = None, *,
                   every: int = 1, batch_size: Optional[int] = None, layout: str = "overlay", cmap: str = "bwr",
-                  progress: bool = True, note: Callable[[str], None] = lambda text: None) -> VideoSummary:
+                  progress: bool = True, note: Callable[[str], None] = lambda text: None,
+                  explain: Optional[Explain] = None) -> VideoSummary:
     """Explain every ``every``-th frame of the video ``source`` with ``pipeline``'s model (frames in between show
     the last explained frame's heatmap) and write ``out`` (its suffix picks the format: ``.mp4``/``.mov``/
     ``.mkv`` H.264, ``.webm`` VP9, ``.avi`` MPEG-4, ``.gif``). Frames are explained ``batch_size`` at a time by
-    one :class:`lrp.Explainer`; ``layout`` is ``overlay`` or ``side-by-side`` (see :class:`Renderer`). ``note``
-    receives what the user should know (audio dropped, crop, padding). Raises :class:`VideoError` (the video or
-    the output), ``ModelError``/``TargetError``; a failed run leaves no output file."""
+    one :class:`lrp.Explainer`; ``layout`` is ``overlay`` or ``side-by-side`` (see :class:`Renderer`; each
+    frame's relevance is scaled by its own largest magnitude). ``note`` receives what the user should know (audio
+    dropped, crop, padding, an input that ends early).
+
+    ``source`` is a path, or a :class:`VideoReader` that the caller opened: it is read to its end but not closed
+    (close it, or open it in a ``with`` block). ``explain``, in place of LRP with ``composite`` (to compare
+    methods, as ``benchmarks/video.py`` does): a function of (the prepared frames (B, C, H, W) on the pipeline's
+    device, the target class index or None: each frame's predicted class) that returns their relevance,
+    (B, C, H, W) or (B, H, W).
+
+    Raises :class:`VideoError` (the video or the output), ``ModelError``/``TargetError``; a failed run leaves no
+    output file."""
     if every < 1:
         raise ValueError(f"every must be at least 1, got {every}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    check_output(out)
-    reader = source if isinstance(source, VideoReader) else VideoReader(source)
-    try:
+    check_output(out, source.path if isinstance(source, VideoReader) else source)
+    if isinstance(source, VideoReader):
+        return _run(pipeline, source, Path(out), composite, target, every,
+                    batch_size or default_batch_size(pipeline.model), layout, cmap, progress, note, explain)
+    with VideoReader(source) as reader:
         return _run(pipeline, reader, Path(out), composite, target, every,
-                    batch_size or default_batch_size(pipeline.model), layout, cmap, progress, note)
-    finally:
-        reader.close()
+                    batch_size or default_batch_size(pipeline.model), layout, cmap, progress, note, explain)
 
 
 def _run(pipeline: Pipeline, reader: VideoReader, out: Path, composite: Union[str, Composite],
          target: Union[int, str, None], every: int, batch_size: int, layout: str, cmap: str, progress: bool,
-         note: Callable[[str], None]) -> VideoSummary:
+         note: Callable[[str], None], explain: Optional[Explain]) -> VideoSummary:
     from tqdm import tqdm
 
-    if out.resolve() == reader.path.resolve():
-        raise VideoError(f"{out}: is the input video; give another output name")
     index = pipeline.target(target)
-    comp = pipeline.composite(composite, kind="image")[0] if isinstance(composite, str) else composite
-    explainer = Explainer(pipeline.model, comp)
+    if explain is None:
+        comp = pipeline.composite(composite, kind="image")[0] if isinstance(composite, str) else composite
+        explainer = Explainer(pipeline.model, comp)
     width, height = reader.width, reader.height
     box = seen_box(width, height, pipeline.pre)
     renderer = Renderer(width, height, box, layout, cmap, pipeline.device)
@@ -581,6 +735,13 @@ def _run(pipeline: Pipeline, reader: VideoReader, out: Path, composite: Union[st
         notes.append(text)
         note(text)
 
+    def lrp_relevance(x: torch.Tensor, target: Optional[int]) -> torch.Tensor:
+        res = explainer(x, target)
+        if pipeline.num_classes is None:
+            pipeline.learn_classes(res.num_classes)
+        return res.relevance
+
+    explain_batch = explain or lrp_relevance
     if reader.rotation:
         tell(f"{reader.path} is shown turned by {reader.rotation} degrees (its display rotation): the model sees "
              f"and the output shows the frames upright")
@@ -590,8 +751,6 @@ def _run(pipeline: Pipeline, reader: VideoReader, out: Path, composite: Union[st
              f"darkened")
     if reader.has_audio:
         tell(f"{reader.path} has sound: the output has none (lrp video writes the picture only)")
-    if not reader.known_rate:
-        tell(f"{reader.path} does not give its frame rate: written at 25 frames/s")
     out_width, out_height = renderer.size
     writer = VideoWriter(out, out_width, out_height, reader.rate, reader.time_base, note=tell,
                          variable_rate=reader.variable_rate)
@@ -603,7 +762,7 @@ def _run(pipeline: Pipeline, reader: VideoReader, out: Path, composite: Union[st
     start = time.perf_counter()
 
     def flush(bar: tqdm) -> None:
-        maps = _explain_batch(explainer, pipeline, pending, index, reader.path) if pending else None
+        maps = _explain_batch(explain_batch, pipeline, pending, index, reader.path) if pending else None
         counts["explained"] += len(pending)
         pending.clear()
         step = max(1, RENDER_PIXELS // (width * height))
@@ -638,15 +797,27 @@ def _run(pipeline: Pipeline, reader: VideoReader, out: Path, composite: Union[st
                 buffered.append((frame, stamp, k))
             flush(bar)
         writer.finish()
-        if reader.frame_count and counts["frames"] < reader.frame_count:
-            tell(f"{reader.path} lists {reader.frame_count} frames, but only {counts['frames']} could be read (the "
-                 f"file may be cut short): the output has those")
     except BaseException:
         writer.abort()
         raise
+    rate = writer.average_rate() or reader.rate
+    early = reader.ends_early()
+    if early:
+        tell(reader.early_end_text())
+    if writer.shifted():
+        tell(f"AVI cannot keep variable frame timing: {out} plays at a constant {_rate_text(rate)} frames/s (the "
+             f"average rate {reader.path} gives), so some frames show up to {writer.largest_shift:.2f} s away from "
+             f"their time in {reader.path}; write .mp4, .mkv or .webm to keep the timing")
+    if not writer.copy_pts and not reader.known_rate:
+        tell(f"{reader.path} does not give its frame rate: {out} plays at {_rate_text(rate)} frames/s")
+    elif writer.unstamped:
+        tell(f"{writer.unstamped} frames of {reader.path} have no timestamp: each was placed one frame "
+             f"({_rate_text(reader.rate)} frames/s{'' if reader.known_rate else ', assumed'}) after the one before")
     seconds = time.perf_counter() - start
+    stated = reader.stated_frames() if early else None
     return VideoSummary(out, counts["frames"], counts["explained"], out_width + writer.pad[0],
-                        out_height + writer.pad[1], reader.rate, writer.codec, seconds, notes)
+                        out_height + writer.pad[1], rate, writer.codec, seconds, notes,
+                        stated if stated is not None and stated > counts["frames"] else None)
 
 
 def _prepare(pipeline: Pipeline, frame: np.ndarray, path: Path, number: int) -> torch.Tensor:
@@ -657,12 +828,12 @@ def _prepare(pipeline: Pipeline, frame: np.ndarray, path: Path, number: int) -> 
         raise VideoError(f"{path}: frame {number}: {str(exc).removeprefix('image: ')}") from None
 
 
-def _explain_batch(explainer: Explainer, pipeline: Pipeline, inputs: list[torch.Tensor], target: Optional[int],
+def _explain_batch(explain: Explain, pipeline: Pipeline, inputs: list[torch.Tensor], target: Optional[int],
                    path: Path) -> torch.Tensor:
     """Relevance maps (B, h, w), summed over the channels, on the pipeline's device."""
     x = torch.stack(inputs).to(pipeline.device)
     try:
-        res = explainer(x, target)
+        relevance = explain(x, target)
     except (ModelError, TargetError):
         raise
     except LRPError as exc:
@@ -670,7 +841,5 @@ def _explain_batch(explainer: Explainer, pipeline: Pipeline, inputs: list[torch.
     except Exception as exc:  # the model fails on the frames as prepared (a shape it does not read)
         raise VideoError(f"{path}: model {pipeline.name!r} fails on the frames (prepared as "
                          f"{tuple(x.shape[1:])}): {one_line(exc)}") from None
-    if pipeline.num_classes is None:
-        pipeline.learn_classes(res.num_classes)
-    relevance = res.relevance.detach()
+    relevance = relevance.detach()
     return relevance.reshape(len(inputs), -1, *relevance.shape[-2:]).sum(1)

@@ -77,22 +77,47 @@ class Preprocess:
         """Like :meth:`image`, for a picture already opened."""
         img = img.convert("L" if self.grayscale else "RGB")
         if self.size:
-            w, h = img.size
-            scale = self.size / min(w, h)
-            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+            img = img.resize(self._resized(*img.size), Image.Resampling.BILINEAR)
         if self.crop:
             w, h = img.size
-            if self.crop > min(w, h):
+            box = self._centre_crop(w, h)
+            if box is None:
                 raise InputError(f"cannot crop {self.crop} pixels from an image of {w}x{h} (give --crop 0 to keep "
                                  f"the whole image, or a smaller --crop)")
-            left, top = (w - self.crop) // 2, (h - self.crop) // 2
-            img = img.crop((left, top, left + self.crop, top + self.crop))
+            img = img.crop(box)
         array = np.asarray(img, dtype=np.float32) / 255.0
         if self.invert:
             array = 1.0 - array
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
         return self.normalize(x), img
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of a ``width`` x ``height`` picture that the model sees after :meth:`from_image`'s resize and
+        centre crop, as (left, top, right, bottom) in the picture's own pixels (fractions where the resize scales
+        it): the whole picture where nothing is cropped, or where the crop does not fit (:meth:`from_image` refuses
+        such a picture)."""
+        resized_width, resized_height = self._resized(width, height)
+        box = self._centre_crop(resized_width, resized_height)
+        if box is None:
+            return 0.0, 0.0, float(width), float(height)
+        sx, sy = width / resized_width, height / resized_height
+        return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+
+    def _resized(self, width: int, height: int) -> tuple[int, int]:
+        """The size of a picture after the resize: its shorter side to ``size`` (unchanged without one)."""
+        if not self.size:
+            return width, height
+        scale = self.size / min(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def _centre_crop(self, width: int, height: int) -> Optional[tuple[int, int, int, int]]:
+        """The centre ``crop`` square of a (resized) picture, in its pixels; None without a crop or where it does
+        not fit."""
+        if not self.crop or self.crop > min(width, height):
+            return None
+        left, top = (width - self.crop) // 2, (height - self.crop) // 2
+        return left, top, left + self.crop, top + self.crop
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         for name, values in (("mean", self.mean), ("std", self.std)):
