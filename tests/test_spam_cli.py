@@ -165,7 +165,7 @@ def test_readme_text_lines_run(tmp_path, mails):
 
 
 def test_readme_evaluate_line_for_spam_writes_a_report_where_lrp_beats_random(tmp_path):
-    """``lrp evaluate --model spam`` as the README writes it (200 held-out mails, both removals)."""
+    """``lrp evaluate --model spam`` as the README writes it (40 held-out mails, both removals)."""
     readme = README.read_text(encoding="utf-8")
     lines = [line.split("#")[0].strip() for line in re.findall(r"^lrp evaluate .*--model spam.*$", readme, re.M)]
     assert len(lines) == 1
@@ -182,7 +182,7 @@ def test_readme_evaluate_line_for_spam_writes_a_report_where_lrp_beats_random(tm
             assert float(by[name, removal]["aopc_morf"]) > float(by["random", removal]["aopc_morf"])
             assert float(by[name, removal]["aopc_lerf"]) < float(by["random", removal]["aopc_lerf"])
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "200" in report and (out / "curves_mask_morf.png").stat().st_size > 0
+    assert "40 of the 1,190 held-out mails" in report and (out / "curves_mask_morf.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("args, message", [
