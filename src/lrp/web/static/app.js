@@ -50,6 +50,22 @@ function fillComposites(select, model) {
   select.value = model.composites.includes(keep) ? keep : model.default_composite;
 }
 
+// "explaining: <class>" with a way back to the prediction when another class is explained.
+function showExplaining(element, id, label, isPrediction, back, event = "click") {
+  element.replaceChildren("explaining: ");
+  const b = document.createElement("b");
+  b.id = id;
+  b.textContent = isPrediction ? `${label} (the prediction)` : label;
+  element.append(b);
+  if (!isPrediction) {
+    const button = document.createElement("button");
+    button.className = "link";
+    button.textContent = "back to the prediction";
+    button.addEventListener(event, back);
+    element.append(" · ", button);
+  }
+}
+
 // Probability bars; a click explains that class (the predicted one again: back to the prediction).
 function renderBars(container, res, onPick, limit) {
   let order = res.probabilities.map((p, i) => i);
@@ -289,20 +305,8 @@ function renderDrawing(res) {
   const pred = res.prediction_label;
   $("#draw-pred").textContent = pred;
   $("#draw-pred-text").textContent = `predicted with ${percent(res.probabilities[res.prediction])}`;
-  const explaining = $("#draw-explaining");
-  explaining.replaceChildren();
-  explaining.append("explaining: ");
-  const b = document.createElement("b");
-  b.id = "draw-target";
-  b.textContent = res.target === res.prediction ? `${res.target_label} (the prediction)` : res.target_label;
-  explaining.append(b);
-  if (res.target !== res.prediction) {
-    const back = document.createElement("button");
-    back.className = "link";
-    back.textContent = "back to the prediction";
-    back.addEventListener("click", () => { draw.target = null; explainDrawing(); });
-    explaining.append(" · ", back);
-  }
+  showExplaining($("#draw-explaining"), "draw-target", res.target_label, res.target === res.prediction,
+                 () => { draw.target = null; explainDrawing(); });
   renderBars($("#draw-bars"), res, (i) => { draw.target = i; explainDrawing(); });
   const second = runnerUp(res);
   $("#draw-runner-up").textContent = second >= 0
@@ -681,19 +685,8 @@ function renderText(res) {
   text.result = res;
   $("#text-pred").textContent = res.prediction_label;
   $("#text-pred-text").textContent = `predicted with ${percent(res.probabilities[res.prediction])}`;
-  const explaining = $("#text-explaining");
-  explaining.replaceChildren("explaining: ");
-  const b = document.createElement("b");
-  b.id = "text-target";
-  b.textContent = res.target === res.prediction ? `${res.target_label} (the prediction)` : res.target_label;
-  explaining.append(b);
-  if (res.target !== res.prediction) {
-    const back = document.createElement("button");
-    back.className = "link";
-    back.textContent = "back to the prediction";
-    back.addEventListener("click", () => { text.target = null; explainText(); });
-    explaining.append(" · ", back);
-  }
+  showExplaining($("#text-explaining"), "text-target", res.target_label, res.target === res.prediction,
+                 () => { text.target = null; explainText(); });
   renderBars($("#text-bars"), res, (i) => { text.target = i; explainText(); }, 10);
   const others = res.probabilities.map((p, i) => i).filter((i) => i !== res.target);
   $("#text-other").textContent = res.opposite_label
@@ -1107,20 +1100,10 @@ function renderCamera(res) {
     (res.dropped ? ` · ${res.dropped} dropped` : ""));
   $("#cam-pred").textContent = res.note ? "–" : res.prediction_label;
   $("#cam-pred-text").textContent = res.note || `predicted with ${percent(res.probabilities[res.prediction])}`;
-  const explaining = $("#cam-explaining");
-  explaining.replaceChildren("explaining: ");
-  const target = document.createElement("b");
-  target.id = "cam-target";
-  target.textContent = res.target === res.prediction && cam.target === null
-    ? `${res.target_label} (the prediction)` : res.target_label;
-  explaining.append(target);
-  if (cam.target !== null) {
-    const back = document.createElement("button");
-    back.className = "link";
-    back.textContent = "back to the prediction";
-    back.addEventListener("pointerdown", () => { cam.target = null; sendCameraOptions(); });
-    explaining.append(" · ", back);
-  }
+  // the camera's target is the class asked for (the prediction may come to equal it): back while one is asked
+  showExplaining($("#cam-explaining"), "cam-target", res.target_label,
+                 res.target === res.prediction && cam.target === null,
+                 () => { cam.target = null; sendCameraOptions(); }, "pointerdown");
   updateCameraBars(res);
   $("#cam-input").src = res.input_image || "";
   $("#cam-heatmap").src = res.heatmap || "";
