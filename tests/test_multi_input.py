@@ -326,3 +326,12 @@ def test_pictures_refuse_a_tuple_of_relevances_with_the_way_out(vqa):
     with pytest.raises(TypeError, match=r"one tensor per input; draw each on its own"):
         lrp.heatmap(res.relevance)
     assert lrp.heatmap(res.relevance[0][0]).size == (8, 8)
+
+
+def test_evaluation_methods_refuse_several_inputs_with_the_way_out(vqa):
+    from lrp.evaluate.methods import resolve_method
+
+    model, image, ids = vqa
+    for name in ("gradient", "epsilon"):
+        with pytest.raises(TypeError, match="lrp.evaluate scores models with one input; got 2 inputs"):
+            resolve_method(name)(model, (image, ids), None)

@@ -49,6 +49,10 @@ def resolve_method(spec: MethodSpec) -> Method:
         raise TypeError(f"a method must be a name, an lrp.Composite or a function; got {type(spec).__name__}")
 
     def relevance(model: torch.nn.Module, x: Tensor, target: object) -> Tensor:
+        if isinstance(x, (tuple, list)):
+            raise TypeError(f"lrp.evaluate scores models with one input; got {len(x)} inputs. Explain a model with "
+                            f"several inputs with lrp.explain(model, (x1, x2)) and score each input's relevance "
+                            f"yourself")
         result = fn(model, x, target)
         r = result.relevance if isinstance(result, Explanation) else result
         if not isinstance(r, Tensor) or tuple(r.shape) != tuple(x.shape):
