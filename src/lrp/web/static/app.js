@@ -51,7 +51,12 @@ function fillComposites(select, model) {
 }
 
 // "explaining: <class>" with a way back to the prediction when another class is explained.
+// Left as it is when nothing changed: the camera calls this on every frame, and a button rebuilt that
+// often cannot be clicked.
 function showExplaining(element, id, label, isPrediction, back, event = "click") {
+  const shown = JSON.stringify([label, isPrediction]);
+  if (element.dataset.shown === shown) return;
+  element.dataset.shown = shown;
   element.replaceChildren("explaining: ");
   const b = document.createElement("b");
   b.id = id;
