@@ -101,3 +101,6 @@ def accuracy(model: nn.Module, split: str = "test") -> float:
 # the built-in spam classifier (lrp.spam): re-exported so that lrp.models lists every built-in model
 from .spam import (SPAM_ACCURACY, SPAM_CLASSES, SpamMail, SpamNet, spam, spam_accuracy,  # noqa: E402,F401
                    spam_examples, spam_heldout)
+
+# the built-in VQA model (lrp.vqa): an image and a question in, one of 19 answers out (lrp.datasets.shapes_vqa)
+from .vqa import VQA_ACCURACY, VQA_ACCURACY_BY_TYPE, QuestionEncoder, VQANet, vqa, vqa_accuracy  # noqa: E402,F401
