@@ -36,7 +36,7 @@ MIXED = "Re: your order\n\nThanks   for the free\tcoffee, see you at the confere
 
 @pytest.fixture(scope="module")
 def app():
-    return create_app()  # the default: mnist and spam
+    return create_app()  # the default: mnist, spam and vqa
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,8 @@ def error_of(response, status: int) -> str:
 
 def test_default_app_serves_mnist_and_spam_with_its_accuracy(client):
     body = client.get("/api/models").json()
-    mnist, spam = body["models"]
+    mnist, spam, vqa = body["models"]
+    assert vqa["name"] == "vqa" and vqa["modality"] == "vqa"
     assert mnist["name"] == "mnist" and mnist["modality"] == "image" and mnist["accuracy"] is None
     assert mnist["drawable"] is True and mnist["preprocessing"]["size"] == 28
     assert spam["name"] == "spam" and spam["modality"] == "text" and spam["kind"] == "spam"
@@ -365,5 +366,5 @@ def test_serve_options_for_text_models(capsys, monkeypatch):
     assert main(["serve", "--model", "mnist", "--model", "spam", "--invert"]) == 2
     assert "--invert applies to image models" in capsys.readouterr().err
     models = load_models([])  # lrp serve without --model
-    assert [m.name for m in models] == ["mnist", "spam"] and isinstance(models[1], ServedText)
+    assert [m.name for m in models] == ["mnist", "spam", "vqa"] and isinstance(models[1], ServedText)
     assert models[1].model.training is False and torch.is_grad_enabled()

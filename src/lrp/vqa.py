@@ -256,7 +256,8 @@ def vqa_accuracy(model: Optional[nn.Module] = None, questions: Optional[Sequence
 class Answer(NamedTuple):
     """The model's answer to a question about an image, with its probability, and the relevance of each pixel
     (``image``: ``(H, W)``, channels summed) and of each word (``words``: ``(n,)``, for ``tokens``) for the
-    explained answer (``explained``: the predicted one unless a target was named)."""
+    explained answer (``explained``: the predicted one unless a target was named); ``probabilities``: one per
+    answer of :data:`ANSWERS`."""
 
     answer: str
     probability: float
@@ -265,6 +266,7 @@ class Answer(NamedTuple):
     image: Tensor
     words: Tensor
     score: float
+    probabilities: list[float]
 
 
 def ask(image: Union[np.ndarray, Tensor], question: str, target: Union[None, int, str] = None,
@@ -290,7 +292,7 @@ def ask(image: Union[np.ndarray, Tensor], question: str, target: Union[None, int
     explained = int(res.target[0]) if res.target is not None else predicted
     r_image, r_words = res.relevance
     return Answer(ANSWERS[predicted], float(probs[predicted]), ANSWERS[explained], tokenize(question),
-                  r_image[0].sum(0), r_words[0], float(logits[0, explained]))
+                  r_image[0].sum(0), r_words[0], float(logits[0, explained]), probs.tolist())
 
 
 _BUILTIN: dict[str, Any] = {}

@@ -513,6 +513,22 @@ def sample(seed: int, qtype: Optional[str] = None) -> Question:
             return question(scene, qtype, args)
 
 
+def questions_about(scene: Scene, stream: int = 2) -> list[Question]:
+    """One question per template that ``scene`` allows, drawn as :func:`sample` draws them, from the generator
+    ``[scene.seed, stream]``: the same questions every time (the web demo's suggestions)."""
+    rng = np.random.default_rng([scene.seed, stream])
+    found = []
+    for qtype in QUESTION_TYPES:
+        args = _draw_args(scene, qtype, rng)
+        if args is None:
+            continue
+        try:
+            found.append(question(scene, qtype, args))
+        except NotAnswerable:
+            continue
+    return found
+
+
 def questions(start: int, n: int) -> list[Question]:
     """The questions of seeds ``start`` to ``start + n - 1``."""
     return [sample(seed) for seed in range(start, start + n)]

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Awaitable, Callable, MutableMapping, Optional, Sequence, Union
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -18,11 +18,13 @@ from starlette.exceptions import HTTPException
 
 from . import camera, service
 from ..pipeline.text import is_text_spec
-from .schemas import (MAX_TEXT_CHARS, TEXT_COMPOSITE, ErrorResponse, ExplainArrayRequest, ExplainForm,
-                      ExplainOptions, ExplainResponse, ExplainTextRequest, ExplainTextResponse, Limits, ModelInfo,
-                      ModelsResponse, PreprocessingInfo, Sample, TextExample)
+from .schemas import (MAX_SEED, MAX_TEXT_CHARS, TEXT_COMPOSITE, VQA_COMPOSITE, ErrorResponse, ExplainArrayRequest,
+                      ExplainForm, ExplainOptions, ExplainResponse, ExplainTextRequest, ExplainTextResponse, Limits,
+                      ModelInfo, ModelsResponse, PreprocessingInfo, Sample, TextExample, VQAExplainRequest,
+                      VQAExplainResponse, VQASceneResponse)
 from .service import MAX_BYTES, MAX_SIDE, ServedModel, ServiceError
-from .text_service import DEFAULT_MODELS, Served, ServedText
+from .text_service import DEFAULT_MODELS, ServedText
+from .vqa_service import Served, ServedVQA, is_vqa_spec
 
 try:  # Swagger UI and ReDoc from the package, not from a CDN: /docs works without Internet
     from fastapi_offline import FastAPIOffline as _FastAPI
@@ -42,6 +44,14 @@ ERRORS: dict[Union[int, str], dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "invalid fields, unknown model or composite, wrong array "
                                                  "shape, an empty text, a text for an image model or an array "
                                                  "or image for a text model, a model that fails on the input"},
+}
+
+VQA_ERRORS: dict[Union[int, str], dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "a target that is not an answer"},
+    413: {"model": ErrorResponse, "description": f"body over {MAX_BYTES // 2**20} MB"},
+    422: {"model": ErrorResponse, "description": "a question with unknown words, without words or too long (the "
+                                                 "message names the vocabulary), a seed out of range, invalid "
+                                                 "fields, an unknown model or composite"},
 }
 
 Receive = Callable[[], Awaitable[dict]]
@@ -122,6 +132,11 @@ def _known(shape: Optional[tuple[Optional[int], ...]]) -> Optional[list[int]]:
 
 
 def _model_info(served: Served) -> ModelInfo:
+    if isinstance(served, ServedVQA):
+        return ModelInfo(name=served.name, modality="vqa", kind=served.kind, input_shape=served.input_shape,
+                         num_classes=len(served.classes), classes=served.classes, drawable=False,
+                         composites=served.composites, default_composite=VQA_COMPOSITE, accuracy=served.accuracy,
+                         vocabulary=served.vocabulary)
     if isinstance(served, ServedText):
         pipeline = served.pipeline
         return ModelInfo(name=served.name, modality="text", kind=served.kind, input_shape=None,
@@ -149,15 +164,18 @@ def _openapi_body() -> dict:
 
 
 def load_model(spec: str) -> Served:
-    """A text model (``spam``, ``hf:DIR``) or an image model (anything else ``lrp explain --model`` takes)."""
+    """The VQA model (``vqa``), a text model (``spam``, ``hf:DIR``) or an image model (anything else ``lrp explain
+    --model`` takes)."""
+    if is_vqa_spec(spec):
+        return ServedVQA.load(spec)
     return ServedText.load(spec) if is_text_spec(spec) else ServedModel.load(spec)
 
 
 def create_app(models: Sequence[Union[Served, str]] = DEFAULT_MODELS, *, warm_up: bool = True) -> FastAPI:
-    """The web app serving ``models`` (:class:`ServedModel`, :class:`ServedText` or specs as ``lrp explain
-    --model`` takes them: ``spam`` and ``hf:DIR`` are text models). The first image model is the default for
-    images and arrays, the first text model for texts. ``warm_up`` runs each model once now, so that the first
-    request is fast."""
+    """The web app serving ``models`` (:class:`ServedModel`, :class:`ServedText`, :class:`ServedVQA` or specs as
+    ``lrp explain --model`` takes them: ``spam`` and ``hf:DIR`` are text models, ``vqa`` the VQA model). The first
+    image model is the default for images and arrays, the first text model for texts, the first VQA model for
+    questions about scenes. ``warm_up`` runs each model once now, so that the first request is fast."""
     served: dict[str, Served] = {}
     for spec in models:
         m = load_model(spec) if isinstance(spec, str) else spec
@@ -174,7 +192,8 @@ def create_app(models: Sequence[Union[Served, str]] = DEFAULT_MODELS, *, warm_up
 
     app = _FastAPI(title="lrp", version=_version(),
                    description="Layer-wise Relevance Propagation: why did the model predict that? "
-                               "Draw, upload or type a text on the page at `/`; the JSON API is below.")
+                               "Draw, upload, type a text or ask about a scene on the page at `/`; the JSON API "
+                               "is below.")
     app.state.models = served
     app.add_middleware(BodyLimit, max_bytes=MAX_BYTES)
     _add_error_handlers(app)
@@ -197,6 +216,11 @@ def create_app(models: Sequence[Union[Served, str]] = DEFAULT_MODELS, *, warm_up
     def pick_text(name: Optional[str]) -> ServedText:
         found = pick(name, "text")
         assert isinstance(found, ServedText)
+        return found
+
+    def pick_vqa(name: Optional[str]) -> ServedVQA:
+        found = pick(name, "vqa")
+        assert isinstance(found, ServedVQA)
         return found
 
     app.state.camera = camera.CameraSessions(pick_image)
@@ -237,8 +261,10 @@ def create_app(models: Sequence[Union[Served, str]] = DEFAULT_MODELS, *, warm_up
         (10 ham, 10 spam); an empty list for other text models. `model`: a served text model (default: the
         first)."""
         if model in served and served[model].modality != "text":
-            raise ServiceError(422, f"model {model!r} reads images: its held-out digits are at GET /api/samples; "
-                                    f"example texts are for text models ({', '.join(text_models) or 'none served'})")
+            where = ("its scenes and suggested questions are at GET /api/vqa/scene"
+                     if served[model].modality == "vqa" else "its held-out digits are at GET /api/samples")
+            raise ServiceError(422, f"model {model!r} reads {_READS[served[model].modality]}: {where}; example texts "
+                                    f"are for text models ({', '.join(text_models) or 'none served'})")
         return pick_text(model).examples()
 
     @app.post("/api/explain", response_model=Union[ExplainResponse, ExplainTextResponse], responses=ERRORS,
@@ -262,12 +288,42 @@ def create_app(models: Sequence[Union[Served, str]] = DEFAULT_MODELS, *, warm_up
                                 f"image file (field 'image'), or application/json with an array (image models) or "
                                 f"a text (text models)")
 
+    @app.get("/api/vqa/scene", response_model=VQASceneResponse, responses={422: {"model": ErrorResponse}},
+             summary="A generated Shapes VQA scene and questions about it", tags=["vqa"])
+    def vqa_scene(seed: Optional[int] = Query(None, ge=0, le=MAX_SEED, description="the scene; default: a random "
+                                                                                    "one"),
+                  model: Optional[str] = None) -> VQASceneResponse:
+        """The scene of `seed` (the same seed gives the same scene; without one a random seed, returned) as a PNG
+        enlarged 4 times for display (the model reads it at 64 x 64), its objects, and one generated question per
+        template that the scene answers. `model`: a served VQA model (default: the first)."""
+        return pick_vqa(model).scene(seed)
+
+    @app.post("/api/vqa/explain", response_model=VQAExplainResponse, responses=VQA_ERRORS,
+              summary="Answer a question about a scene and explain the answer", tags=["vqa"])
+    def vqa_explain(request: VQAExplainRequest) -> VQAExplainResponse:
+        """Ask the VQA model a question about the scene of `seed` and explain its answer (or the answer `target`)
+        with one LRP pass over the pixels and the words: the heatmap over the scene, the relevance of each word,
+        the probability of each answer and, for a question that follows a template, the ground truth. Runs in a
+        worker thread."""
+        return pick_vqa(request.model).explain(request)
+
     return app
+
+
+_READS = {"image": "images", "text": "text", "vqa": "questions about Shapes VQA scenes"}
 
 
 def _wrong_modality(name: Optional[str], modality: str, served: dict[str, Served]) -> str:
     """Why model ``name`` (None: no model of ``modality`` is served) cannot take an input of ``modality``."""
     others = [n for n, m in served.items() if m.modality == modality]
+    if modality == "vqa":
+        where = (f"questions about scenes go to a VQA model ({', '.join(others)})" if others else
+                 "no VQA model is served: start the server with --model vqa")
+        return f"model {name!r} reads {_READS[served[name].modality]}; {where}" if name else where
+    if name and served[name].modality == "vqa":
+        sent = "a text" if modality == "text" else "an image or array"
+        return (f"model {name!r} answers questions about Shapes VQA scenes, not {sent}: POST /api/vqa/explain "
+                f"{{\"seed\": 7, \"question\": \"is there a red circle?\"}} (scenes: GET /api/vqa/scene)")
     if modality == "text":
         where = (f"send it to a text model ({', '.join(others)})" if others else
                  "no text model is served: start the server with --model spam (or --model hf:DIR)")
@@ -298,6 +354,8 @@ def _explain_json(body: bytes, served: dict[str, Served], pick_image: Callable[[
         modality = "image"
     else:  # neither: say what the model named (or the default, an image model) misses
         modality = named.modality if named is not None else "image"
+    if named is not None and named.modality == "vqa":
+        raise ServiceError(422, _wrong_modality(name, "text" if "text" in payload else "image", served))
     if named is not None and named.modality != modality:
         raise ServiceError(422, _wrong_modality(name, modality, served))
     if modality == "text":

@@ -10,8 +10,11 @@ from ..composites import COMPOSITES
 from ..pipeline.text import TEXT_COMPOSITE
 
 Preprocessing = Literal["model", "digit"]
-Modality = Literal["image", "text"]
+Modality = Literal["image", "text", "vqa"]
 MAX_TEXT_CHARS = 100_000  # characters of one text sent to POST /api/explain
+MAX_QUESTION_CHARS = 300  # characters of one question sent to POST /api/vqa/explain
+MAX_SEED = 2**32 - 1  # the largest scene seed of the VQA tab
+VQA_COMPOSITE = "epsilon-plus-flat"  # lrp.vqa.ask's default
 
 
 DESCRIPTIONS = {
@@ -139,12 +142,15 @@ class ModelInfo(BaseModel):
     name: str
     modality: Modality = Field(
         default="image", description="what the model reads: 'image' (images and arrays, sent as {\"array\": ...} or "
-                                     "an image file) or 'text' (sent as {\"text\": ...})")
+                                     "an image file), 'text' (sent as {\"text\": ...}) or 'vqa' (a question about "
+                                     "a Shapes VQA scene, sent to POST /api/vqa/explain)")
     kind: str = Field(..., description="image models: mnist, torchvision, factory or exported; text models: spam "
-                                       "(the built-in spam classifier) or huggingface (hf:DIR)")
-    input_shape: Optional[list[int]] = Field(None, description="(C, H, W) when known; None for text models")
+                                       "(the built-in spam classifier) or huggingface (hf:DIR); vqa: the built-in "
+                                       "VQA model")
+    input_shape: Optional[list[int]] = Field(None, description="(C, H, W) when known (vqa: the scene's); None for "
+                                                               "text models")
     num_classes: Optional[int] = None
-    classes: Optional[list[str]] = Field(None, description="class names, index order")
+    classes: Optional[list[str]] = Field(None, description="class names, index order (vqa: the answers)")
     drawable: bool = Field(..., description="reads 1x28x28 digits: usable on the drawing page")
     composites: list[str] = Field(..., description="the composites this model can be explained with")
     default_composite: str
@@ -152,11 +158,12 @@ class ModelInfo(BaseModel):
         default=None, description="image models: how images are prepared; None for text models")
     accuracy: Optional[float] = Field(
         default=None, description="held-out accuracy where known (the built-in spam model: 0.984 on 1,190 held-out "
-                                  "mails); None otherwise")
+                                  "mails; vqa: 0.962 on 1,000 held-out questions); None otherwise")
     max_tokens: Optional[int] = Field(default=None, description="text models: the most tokens the model reads")
     truncates: Optional[bool] = Field(
         default=None, description="text models: true when longer texts are cut to max_tokens (the rest is not "
                                   "read), false when they are refused")
+    vocabulary: Optional[list[str]] = Field(default=None, description="vqa: the words a question may use")
 
 
 class Limits(BaseModel):
@@ -259,6 +266,121 @@ class ExplainTextResponse(BaseModel):
     html: Optional[str] = Field(None, description="with html=true: the token heatmap as an HTML fragment (words "
                                                   "merged with words=true)")
     elapsed_ms: float = Field(..., description="time to tokenize and explain on the server")
+
+
+class VQAObject(BaseModel):
+    """One object of a Shapes VQA scene, in the scene's pixels (64 x 64; x grows to the right)."""
+
+    shape: str
+    colour: str
+    size: str = Field(..., description="small or large")
+    x: float = Field(..., description="the centre's column, in the scene's pixels")
+    y: float = Field(..., description="the centre's row, in the scene's pixels")
+    visible_fraction: float = Field(..., description="the share of its pixels not covered by objects drawn later")
+
+
+class VQASuggestion(BaseModel):
+    """A question about the scene, generated from one of the templates, that the scene answers."""
+
+    type: str = Field(..., description="the template: exist, query_colour, query_shape, count or relate")
+    question: str
+    answer: str = Field(..., description="the ground-truth answer")
+
+
+class VQASceneResponse(BaseModel):
+    """The answer of ``GET /api/vqa/scene``: a generated scene and questions to ask about it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(..., description="the VQA model the questions are for")
+    seed: int = Field(..., description="the scene's seed: the same seed gives the same scene")
+    size: int = Field(..., description="the scene's side in pixels, as the model reads it (64)")
+    scale: int = Field(..., description="how many times `scene` is enlarged (nearest neighbour) for display")
+    scene: str = Field(..., description="the scene as a PNG data URL, enlarged `scale` times (256 x 256)")
+    background: str = Field(..., description="plain, noise, stripes or checker")
+    objects: list[VQAObject] = Field(..., description="the objects, in drawing order (later ones on top)")
+    questions: list[VQASuggestion] = Field(..., description="one generated question per template the scene allows")
+
+
+class VQAExplainRequest(BaseModel):
+    """``POST /api/vqa/explain``: a question about the scene of ``seed``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra={
+        "examples": [{"seed": 7, "question": "what colour is the triangle?"},
+                     {"seed": 7, "question": "is there a red circle?", "target": "yes"}]})
+
+    seed: StrictInt = Field(..., ge=0, le=MAX_SEED, description=f"the scene (GET /api/vqa/scene): 0 to {MAX_SEED}")
+    question: StrictStr = Field(..., description=f"the question, in the model's words (GET /api/models: "
+                                                 f"`vocabulary`); punctuation and case are ignored; at most "
+                                                 f"{MAX_QUESTION_CHARS} characters",
+                                json_schema_extra={"maxLength": MAX_QUESTION_CHARS})
+    target: Union[StrictInt, StrictStr, None] = Field(None, description="the answer to explain: an answer word "
+                                                                        "(yes, red, circle, three...) or its index; "
+                                                                        "none or 'pred' for the model's answer")
+    composite: str = Field(VQA_COMPOSITE, description="LRP composite: " + ", ".join(COMPOSITES))
+    model: Optional[str] = Field(None, description="name of a served VQA model; default: the first")
+    raw: bool = Field(False, description="also return the pixel relevance (64 x 64, colour channels summed)")
+
+
+class VQAWord(BaseModel):
+    """One word of the question as the model read it, with its relevance."""
+
+    word: str
+    relevance: float
+
+
+class VQATruth(BaseModel):
+    """The ground truth of a question that follows a template, and where the heatmap's positive relevance lies."""
+
+    type: str = Field(..., description="the template the question follows")
+    answer: str = Field(..., description="the correct answer")
+    correct: bool = Field(..., description="whether the model's answer is the correct one")
+    mask: str = Field(..., description="the objects the question refers to (the rest darkened), PNG data URL, "
+                                       "enlarged as `scene`")
+    mask_share: float = Field(..., description="the share of the scene's pixels in the mask (what a heatmap "
+                                               "spread evenly would put in it)")
+    mass_accuracy: Optional[float] = Field(
+        None, description="the share of the positive pixel relevance that lies in the mask (relevance mass accuracy, "
+                          "lrp.evaluate.relevance_mass_accuracy); None when the mask is empty (nothing answers to "
+                          "the description: 'no', 'zero') or no pixel has positive relevance")
+
+
+class VQAExplainResponse(BaseModel):
+    """The model's answer to a question about a scene and the LRP relevance of each pixel and each word for the
+    explained answer, from one ``lrp.vqa.ask`` call."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    modality: Literal["vqa"] = "vqa"
+    composite: str
+    seed: int
+    question: str = Field(..., description="the question as sent")
+    answer: str = Field(..., description="the model's answer")
+    probability: float = Field(..., description="the probability of `answer`")
+    prediction: int = Field(..., description="the index of `answer` in `answers`")
+    answers: list[str] = Field(..., description="every answer the model knows, index order")
+    probabilities: list[float] = Field(..., description="softmax of the model output, one per answer")
+    explained: str = Field(..., description="the explained answer (`answer` unless a target was named)")
+    target: int = Field(..., description="the index of `explained`")
+    score: float = Field(..., description="the model output (logit) of the explained answer: the relevance to share")
+    relevance_sum: float = Field(..., description="pixels' and words' relevance together (about `score`: the "
+                                                  "model has no biases)")
+    image_relevance_sum: float = Field(..., description="the pixels' share of it")
+    question_relevance_sum: float = Field(..., description="the words' share of it")
+    words: list[VQAWord] = Field(..., description="the question's words as the model read them (lower-cased, "
+                                                  "punctuation dropped, 'color' read as 'colour'), each with its "
+                                                  "relevance")
+    scene: str = Field(..., description="the scene, PNG data URL, enlarged as GET /api/vqa/scene gives it")
+    heatmap: str = Field(..., description="the pixel relevance (colour channels summed) as a PNG data URL, enlarged "
+                                          "as `scene` (bwr: red for the answer, blue against, white neutral)")
+    overlay: str = Field(..., description="the heatmap over the scene, PNG data URL")
+    truth: Optional[VQATruth] = Field(None, description="when the question follows a template and its descriptions "
+                                                        "pick out what they must: the ground truth")
+    truth_note: Optional[str] = Field(None, description="else why there is no ground truth (the model answers "
+                                                        "anyway)")
+    relevance: Optional[list[list[float]]] = Field(None, description="with raw=true: the pixel relevance, 64 x 64")
+    elapsed_ms: float = Field(..., description="time to explain and encode on the server")
 
 
 class ErrorResponse(BaseModel):

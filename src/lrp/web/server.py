@@ -11,7 +11,8 @@ import torch
 from ..errors import ModelError
 from ..pipeline.text import is_text_spec
 from .service import ServedModel
-from .text_service import DEFAULT_MODELS, Served, ServedText
+from .text_service import DEFAULT_MODELS, ServedText
+from .vqa_service import Served, ServedVQA, is_vqa_spec
 
 PREPROCESSING = ("size", "crop", "mean", "std", "grayscale", "invert")
 # models with fewer parameters run on one torch thread by default: they are no faster on more, and threads that
@@ -22,12 +23,19 @@ SMALL_MODEL = 5_000_000
 
 def load_models(groups: Sequence[dict[str, Any]], device: str = "cpu") -> list[Served]:
     """One model per group of ``lrp serve`` options (``model``, ``weights``, ``classes`` and the preprocessing
-    options), each on ``device``: a :class:`ServedText` for ``spam`` and ``hf:DIR``, else a :class:`ServedModel`.
-    No groups: ``mnist`` and ``spam``. Raises ``ModelError``."""
+    options), each on ``device``: a :class:`ServedVQA` for ``vqa`` (small: on the CPU whatever ``device`` says), a
+    :class:`ServedText` for ``spam`` and ``hf:DIR``, else a :class:`ServedModel`. No groups: ``mnist``, ``spam``
+    and ``vqa``. Raises ``ModelError``."""
     models: list[Served] = []
     for g in groups or [{"model": spec} for spec in DEFAULT_MODELS]:
         spec = g.get("model", "mnist")
-        if is_text_spec(spec):
+        if is_vqa_spec(spec):
+            given = [k for k in ("weights", "classes", *PREPROCESSING) if k in g]
+            if given:
+                raise ModelError(f"--{given[0]} does not apply to the VQA model {spec}: it reads its own 64x64 scenes "
+                                 f"and answers; give --model {spec} without options")
+            models.append(ServedVQA.load(spec))
+        elif is_text_spec(spec):
             given = [k for k in ("weights", *PREPROCESSING) if k in g]
             if given:
                 raise ModelError(f"--{given[0]} applies to image models; the text model {spec} takes only --classes "

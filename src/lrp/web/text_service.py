@@ -19,7 +19,7 @@ from ..pipeline.text import SPAM_SPEC, TextOutcome, TextPipeline, text_composite
 from .schemas import MAX_TEXT_CHARS, TEXT_COMPOSITE, ExplainTextRequest, ExplainTextResponse, TextExample, TextWord
 from .service import ServedModel, ServiceError
 
-DEFAULT_MODELS = ("mnist", "spam")  # what lrp serve serves without --model
+DEFAULT_MODELS = ("mnist", "spam", "vqa")  # what lrp serve serves without --model
 WARM_UP_TEXT = "lrp warms up"  # short: it fits any model
 
 

@@ -9,6 +9,7 @@ const app = {
   models: [],
   imageModels: [],
   textModels: [],
+  vqaModels: [],
   limits: null,
   drawModel: null,
 };
@@ -569,6 +570,14 @@ function heatColour(s) {
   return t >= 0 ? [255, fade, fade] : [fade, fade, 255];
 }
 
+// A word or token coloured by its relevance (bwr, scaled by vmax), dark ones in white; the value in data-relevance.
+function paintRelevance(el, value, vmax) {
+  const [r, g, b] = heatColour(vmax > 0 ? value / vmax : 0);
+  el.style.backgroundColor = `rgb(${r}, ${g}, ${b})`;
+  if (0.299 * r + 0.587 * g + 0.114 * b < 110) el.style.color = "#fff";
+  el.dataset.relevance = value.toPrecision(9);
+}
+
 // A token as text when the tokenizer gives no character offsets: its marks for spaces and line breaks undone.
 function tokenText(token) {
   return token.replace(/^##/, "").replace(/[Ġ▁]/g, " ").replace(/Ċ/g, "\n");
@@ -632,10 +641,7 @@ function renderHeat(res) {
     el.className = "tok" + (unit.kind === "special" ? " special" : "") + (unit.kind === "space" ? " space" : "");
     // a token of white space shows as ␣ and ↵ (its line breaks kept after it)
     el.textContent = unit.kind === "space" ? [...shown].map((c) => (c === "\n" ? "↵" : "␣")).join("") || "␣" : shown;
-    const [r, g, b] = heatColour(vmax > 0 ? unit.value / vmax : 0);
-    el.style.backgroundColor = `rgb(${r}, ${g}, ${b})`;
-    if (0.299 * r + 0.587 * g + 0.114 * b < 110) el.style.color = "#fff";
-    el.dataset.relevance = unit.value.toPrecision(9);
+    paintRelevance(el, unit.value, vmax);
     el.dataset.tokens = unit.positions.join(" ");
     const name = unit.kind === "word" || (unit.kind === "token" && spans.length) ? shown : res.tokens[unit.positions[0]];
     el.title = `${name}: ${signed(unit.value)}`;
@@ -781,6 +787,244 @@ function setupText() {
   heat.addEventListener("mouseover", hoverText);
   heat.addEventListener("mouseleave", hoverText);
   updateCount();
+}
+
+// ------------------------------------------------------------------ vqa
+
+const vqa = {
+  seed: null,       // the scene shown
+  target: null,     // the answer to explain; null: the model's answer
+  seq: 0,           // number of the latest question (or scene): older answers are not shown
+  sceneSeq: 0,      // number of the latest scene request
+  result: null,     // the answer shown
+  suggestions: [],  // the generated questions about the scene
+};
+
+function currentVQAModel() {
+  return app.vqaModels.find((m) => m.name === $("#vqa-model").value) || app.vqaModels[0];
+}
+
+// The server's message next to the question field (it names the words the model knows).
+function vqaError(message) {
+  const box = $("#vqa-error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function resetVQA() {
+  vqa.seq += 1;  // answers still on their way are for the old scene
+  vqa.result = null;
+  vqa.target = null;
+  $("#vqa-answer").textContent = "–";
+  $("#vqa-answer-text").textContent = "ask a question";
+  $("#vqa-explaining").textContent = "";
+  delete $("#vqa-explaining").dataset.shown;
+  $("#vqa-asked").textContent = "";
+  $("#vqa-bars").replaceChildren();
+  $("#vqa-truth").textContent = "";
+  $("#vqa-mask-figure").hidden = true;
+  $("#vqa-input").removeAttribute("src");
+  const heatmap = $("#vqa-heatmap");
+  heatmap.removeAttribute("src");
+  delete heatmap.dataset.target;
+  $("#vqa-heatmap-caption").textContent = "relevance";
+  $("#vqa-heat-title").textContent = "Why";
+  $("#vqa-words").replaceChildren(Object.assign(document.createElement("span"), {
+    className: "muted", textContent: "the question's words, coloured by their relevance, appear here" }));
+  $("#vqa-hover").textContent = "hover over a word to see its relevance";
+  $("#vqa-stats").textContent = "";
+  $("#vqa").classList.remove("working");
+}
+
+async function newScene() {
+  const seq = ++vqa.sceneSeq;
+  $("#vqa-new").disabled = true;
+  try {
+    const scene = await api(`/api/vqa/scene?model=${encodeURIComponent(currentVQAModel().name)}`);
+    if (seq !== vqa.sceneSeq) return;
+    resetVQA();
+    vqaError("");
+    vqa.seed = scene.seed;
+    const img = $("#vqa-scene");
+    img.src = scene.scene;
+    img.dataset.seed = String(scene.seed);
+    $("#vqa-seed").textContent = `scene ${scene.seed}`;
+    $("#vqa-seed").title = `${scene.objects.length} objects; GET /api/vqa/scene?seed=${scene.seed} gives it again`;
+    vqa.suggestions = scene.questions;
+    $("#vqa-suggest").replaceChildren(option("", "choose a question…"),
+      ...scene.questions.map((q, k) => option(String(k), q.question)));
+  } catch (err) {
+    if (seq === vqa.sceneSeq) vqaError(err.message);
+  } finally {
+    if (seq === vqa.sceneSeq) $("#vqa-new").disabled = false;
+  }
+}
+
+// Ask about the scene shown, explaining vqa.target; an answer is shown only if no newer question (or scene)
+// came after it.
+async function askVQA(question) {
+  if (vqa.seed === null) return;
+  const seq = ++vqa.seq;
+  const seed = vqa.seed;
+  $("#vqa").classList.add("working");
+  try {
+    const res = await api("/api/vqa/explain", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: currentVQAModel().name, seed, question, target: vqa.target,
+                             composite: $("#vqa-composite").value }),
+    });
+    if (seq === vqa.seq && seed === vqa.seed) {
+      vqaError("");
+      renderVQA(res);
+    }
+  } catch (err) {
+    if (seq === vqa.seq) vqaError(err.message);
+  } finally {
+    if (seq === vqa.seq) $("#vqa").classList.remove("working");
+  }
+}
+
+function askTyped() {
+  vqa.target = null;
+  askVQA($("#vqa-question").value);
+}
+
+// Another answer of the question shown (null: the model's own answer).
+function explainAnswer(i) {
+  if (!vqa.result) return;
+  vqa.target = i;
+  askVQA(vqa.result.question);
+}
+
+function showVQAHeatmap() {
+  const res = vqa.result;
+  if (res) $("#vqa-heatmap").src = $("#vqa-overlay").checked ? res.overlay : res.heatmap;
+}
+
+function renderVQAWords(res) {
+  const vmax = res.words.reduce((m, w) => Math.max(m, Math.abs(w.relevance)), 0);
+  const parts = [];
+  res.words.forEach((w, k) => {
+    if (k) parts.push(document.createTextNode(" "));
+    const el = document.createElement("span");
+    el.className = "tok";
+    el.textContent = w.word;
+    paintRelevance(el, w.relevance, vmax);
+    el.title = `${w.word}: ${signed(w.relevance)}`;
+    parts.push(el);
+  });
+  const box = $("#vqa-words");
+  box.replaceChildren(...parts);
+  box.dataset.target = String(res.target);
+}
+
+function hoverVQA(event) {
+  const el = event.target.closest && event.target.closest("#vqa-words .tok");
+  const res = vqa.result;
+  const line = $("#vqa-hover");
+  if (!el || !res) {
+    line.textContent = "hover over a word to see its relevance";
+    return;
+  }
+  const b = document.createElement("b");
+  b.textContent = el.textContent;
+  line.replaceChildren(b, ` ${signed(Number(el.dataset.relevance))} for ${res.explained}`);
+}
+
+const VQA_TYPES = { exist: "is there…", query_colour: "what colour…", query_shape: "what shape…",
+                    count: "how many…", relate: "left or right…" };
+
+function describeTruth(res) {
+  const truth = res.truth;
+  const figure = $("#vqa-mask-figure");
+  figure.hidden = !(truth && truth.mask_share > 0);
+  if (!truth) {
+    $("#vqa-truth").textContent = `No ground truth for this question: ${res.truth_note.replace(/\.?$/, ".")} ` +
+      "The model answers anyway.";
+    return;
+  }
+  $("#vqa-mask").src = truth.mask;
+  let where;
+  if (truth.mass_accuracy !== null) {
+    where = ` ${percent(truth.mass_accuracy)} of the positive relevance on the scene lies on the objects the ` +
+      `question refers to (they cover ${percent(truth.mask_share)} of it).`;
+  } else if (truth.mask_share === 0) {
+    where = " Nothing in the scene answers to the description: no pixels mark the evidence.";
+  } else {
+    where = " No pixel speaks for the explained answer.";
+  }
+  $("#vqa-truth").textContent = `Ground truth: ${truth.answer} (${VQA_TYPES[truth.type] || truth.type}); ` +
+    `the model is ${truth.correct ? "right" : "wrong"}.${where}`;
+}
+
+function renderVQA(res) {
+  vqa.result = res;
+  $("#vqa-answer").textContent = res.answer;
+  $("#vqa-answer-text").textContent = `answered with ${percent(res.probability)}`;
+  showExplaining($("#vqa-explaining"), "vqa-target", res.explained, res.target === res.prediction,
+                 () => explainAnswer(null));
+  $("#vqa-asked").textContent = `“${res.question}”`;
+  renderBars($("#vqa-bars"), res, explainAnswer);  // all 19, in the model's order: yes/no, colours, shapes, counts
+  describeTruth(res);
+  $("#vqa-input").src = res.scene;
+  showVQAHeatmap();
+  const heatmap = $("#vqa-heatmap");
+  heatmap.dataset.target = String(res.target);
+  heatmap.dataset.question = res.question;
+  heatmap.dataset.seed = String(res.seed);
+  $("#vqa-heatmap-caption").textContent = `relevance for ${res.explained}`;
+  $("#vqa-heat-title").textContent = `Why ${res.explained}?`;
+  $("#vqa-legend-for").textContent = `for ${res.explained}`;
+  renderVQAWords(res);
+  $("#vqa-stats").textContent = `relevance: pixels ${res.image_relevance_sum.toFixed(3)} + words ` +
+    `${res.question_relevance_sum.toFixed(3)} = ${res.relevance_sum.toFixed(3)} of score ${res.score.toFixed(3)} · ` +
+    `${res.composite} · ${res.elapsed_ms.toFixed(1)} ms on the server`;
+}
+
+function describeVQAModel() {
+  const model = currentVQAModel();
+  const parts = [`${model.name}: answers questions about scenes of coloured shapes with one of ` +
+    `${model.classes.length} words`];
+  if (model.accuracy !== null && model.accuracy !== undefined) {
+    parts.push(`held-out accuracy ${(100 * model.accuracy).toFixed(1)}%`);
+  }
+  parts.push(`it knows ${model.vocabulary.length} words: ${model.vocabulary.join(", ")}`);
+  $("#vqa-about").textContent = parts.join("; ") + ".";
+}
+
+function setupVQA() {
+  const models = $("#vqa-model");
+  models.replaceChildren(...app.vqaModels.map((m) => option(m.name, m.name)));
+  $("#vqa-model-field").hidden = app.vqaModels.length < 2;
+  fillComposites($("#vqa-composite"), currentVQAModel());
+  describeVQAModel();
+  models.addEventListener("change", () => {
+    fillComposites($("#vqa-composite"), currentVQAModel());
+    describeVQAModel();
+    if (vqa.result) explainAnswer(null);
+  });
+  $("#vqa-composite").addEventListener("change", () => { if (vqa.result) explainAnswer(vqa.target); });
+  $("#vqa-new").addEventListener("click", newScene);
+  $("#vqa-ask").addEventListener("click", askTyped);
+  $("#vqa-question").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault();
+      askTyped();
+    }
+  });
+  $("#vqa-suggest").addEventListener("change", () => {
+    const q = vqa.suggestions[Number($("#vqa-suggest").value)];
+    if (!q || $("#vqa-suggest").value === "") return;
+    $("#vqa-question").value = q.question;
+    askTyped();
+  });
+  $("#vqa-overlay").addEventListener("change", showVQAHeatmap);
+  const words = $("#vqa-words");
+  words.addEventListener("mouseover", hoverVQA);
+  words.addEventListener("mouseleave", hoverVQA);
+  resetVQA();
+  newScene();
 }
 
 // ------------------------------------------------------------------ camera
@@ -1136,7 +1380,7 @@ function setupCamera() {
 
 // ------------------------------------------------------------------ tabs and start
 
-const TABS = ["draw", "upload", "camera", "text"];
+const TABS = ["draw", "upload", "camera", "text", "vqa"];
 
 function showTab(name) {
   if (name !== "camera" && cam.stream) stopCamera();  // the camera runs only while its tab shows
@@ -1159,6 +1403,7 @@ async function start() {
   }
   app.imageModels = app.models.filter((m) => (m.modality || "image") === "image");
   app.textModels = app.models.filter((m) => m.modality === "text");
+  app.vqaModels = app.models.filter((m) => m.modality === "vqa");
   app.drawModel = app.imageModels.find((m) => m.drawable) || null;
   const available = [];
   if (app.imageModels.length) {
@@ -1183,8 +1428,13 @@ async function start() {
     setupText();
     available.push("text");
   }
+  if (app.vqaModels.length) {
+    $("#tab-vqa").hidden = false;
+    setupVQA();
+    available.push("vqa");
+  }
   const asked = location.hash.slice(1);
-  const first = app.drawModel ? "draw" : (app.imageModels.length ? "upload" : "text");
+  const first = app.drawModel ? "draw" : (app.imageModels.length ? "upload" : (app.textModels.length ? "text" : "vqa"));
   showTab(available.includes(asked) && (asked !== "draw" || app.drawModel) ? asked : first);
   document.body.dataset.ready = "true";
 }
