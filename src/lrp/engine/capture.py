@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..composites import Composite, module_rule_for
 from ..errors import RuleError, UnsupportedOperationError
-from . import ops, optable, signs, ssm
+from . import keras, ops, optable, signs, ssm
 from .functions import ModuleRuleFunction
 from .records import BatchNormRecord, LayerRecord, TensorFacts
 from .trees import gradient_free, map_tensors, needs_grad, tensors
@@ -81,6 +81,7 @@ class Trace:
             if t.is_floating_point():
                 self.note(t).route = (_identity, t)
         self.stack: list[tuple[str, torch.nn.Module, Any, Any]] = []
+        self.layer_modules: set[int] = set()  # ids of modules besides nn.Linear/nn.ConvNd named by their path alone
         self.names = {module: name for name, module in model.named_modules()}
         self.calls: dict[str, int] = {}
         self.opaque = 0
@@ -318,7 +319,8 @@ class Trace:
             path, module, _, _ = self.stack[-1]
         else:
             path, module = "", None
-        base = path if isinstance(module, _CONV_MODULES) else f"{path}:{op_name}" if path else op_name
+        named_by_path = isinstance(module, _CONV_MODULES) or id(module) in self.layer_modules
+        base = path if named_by_path else f"{path}:{op_name}" if path else op_name
         count = self.calls.get(base, 0)
         self.calls[base] = count + 1
         return (base if count == 0 else f"{base}#{count}"), module
@@ -678,6 +680,7 @@ class _Capture:
         self.handles: list = []
         self.mode: Optional[TorchFunctionMode] = None
         self.forwards: list[tuple[torch.nn.Module, Any]] = []  # modules whose forward stands in, and their own
+        self.keras: Optional[keras.KerasPatches] = None  # a Keras model's layers calling torch's layer ops
 
     def __enter__(self) -> Trace:
         trace = self.trace
@@ -689,6 +692,7 @@ class _Capture:
                 if ssm.is_mamba_mixer(module) and module_rule_for(module, trace.composite) is None:
                     self.forwards.append((module, module.__dict__.get("forward")))
                     module.forward = functools.partial(ssm.mixer_forward, module)
+            self.keras = keras.patches(trace, trace.model)
             self.mode = trace.mode()
             self.mode.__enter__()
         except BaseException:
@@ -697,6 +701,9 @@ class _Capture:
         return trace
 
     def _remove(self) -> None:
+        if self.keras is not None:
+            self.keras.remove()
+            self.keras = None
         for handle in self.handles:
             handle.remove()
         self.handles.clear()

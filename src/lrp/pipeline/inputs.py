@@ -42,7 +42,8 @@ def is_array_file(path: Path) -> bool:
 @dataclass
 class Preprocess:
     """How a picture becomes a model input: resize the shorter side to ``size``, centre-crop a ``crop`` square,
-    scale pixels to [0, 1], invert, subtract ``mean`` and divide by ``std`` per channel."""
+    scale pixels to [0, ``scale``] (1 unless a model wants 0..255), invert, reverse the channels to BGR (``bgr``:
+    Caffe's order, as Keras' VGG16 reads), subtract ``mean`` and divide by ``std`` per channel."""
 
     size: Optional[int] = None
     crop: Optional[int] = None
@@ -50,14 +51,16 @@ class Preprocess:
     std: Optional[Sequence[float]] = None
     grayscale: bool = False
     invert: bool = False
+    scale: float = 1.0
+    bgr: bool = False
 
     def describe(self) -> str:
-        parts = ["grayscale" if self.grayscale else "RGB"]
+        parts = ["grayscale" if self.grayscale else "BGR" if self.bgr else "RGB"]
         if self.size:
             parts.append(f"shorter side resized to {self.size}")
         if self.crop:
             parts.append(f"centre crop {self.crop}x{self.crop}")
-        parts.append("pixels in [0, 1]" + (", inverted" if self.invert else ""))
+        parts.append(f"pixels in [0, {self.scale:g}]" + (", inverted" if self.invert else ""))
         if self.mean is not None or self.std is not None:
             parts.append(f"normalised with mean {_fmt(self.mean)} and std {_fmt(self.std)}")
         return ", ".join(parts)
@@ -88,8 +91,12 @@ class Preprocess:
         array = np.asarray(img, dtype=np.float32) / 255.0
         if self.invert:
             array = 1.0 - array
+        if self.scale != 1.0:
+            array = array * np.float32(self.scale)
         x = torch.from_numpy(array.copy())
         x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        if self.bgr and x.shape[0] == 3:
+            x = x.flip(0)
         return self.normalize(x), img
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
@@ -131,11 +138,11 @@ class Preprocess:
         return x
 
     def pixel_range(self) -> tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]]:
-        """The lowest and highest input values: pixels 0 and 1 after normalisation (per channel if it has
+        """The lowest and highest input values: pixels 0 and ``scale`` after normalisation (per channel if it has
         several channels)."""
         mean = torch.tensor(self.mean or (0.0,))
         std = torch.tensor(self.std or (1.0,))
-        lo, hi = (0 - mean) / std, (1 - mean) / std
+        lo, hi = (0 - mean) / std, (self.scale - mean) / std
         return (lo.item(), hi.item()) if lo.numel() == 1 else (lo, hi)
 
 
@@ -161,16 +168,36 @@ DEFAULT_PREPROCESSING = {
     "torchvision": Preprocess(size=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     "factory": Preprocess(),
     "exported": Preprocess(),
+    "keras": Preprocess(),  # by the model's name: lrp.pipeline.keras_model.preprocessing
+    "onnx": Preprocess(),
+}
+
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications.imagenet_utils, mode "caffe"
+# the pixel conventions of Keras' preprocess_input (its ``mode``), and raw 0..255 for models that rescale themselves
+PIXEL_MODES = {
+    "caffe": Preprocess(scale=255.0, bgr=True, mean=CAFFE_MEAN_BGR),  # BGR 0..255 minus the ImageNet mean
+    "tf": Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),  # [-1, 1]
+    "torch": Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD),  # [0, 1], ImageNet mean and std
+    "raw": Preprocess(scale=255.0),  # 0..255
 }
 
 
 def preprocess_for(kind: str, *, size: Optional[int] = None, crop: Optional[int] = None,
                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                   grayscale: bool = False, invert: bool = False) -> Preprocess:
-    """The default preprocessing of a model of ``kind`` (``DEFAULT_PREPROCESSING``), overridden by the values
-    given; ``size=0`` / ``crop=0`` switch resizing / cropping off."""
-    base = DEFAULT_PREPROCESSING.get(kind, Preprocess())
-    pre = Preprocess(base.size, base.crop, base.mean, base.std, base.grayscale or grayscale, invert)
+                   grayscale: bool = False, invert: bool = False, default: Optional[Preprocess] = None,
+                   pixels: Optional[str] = None) -> Preprocess:
+    """The default preprocessing of a model of ``kind`` (``DEFAULT_PREPROCESSING``; ``default``: the model's own,
+    as for Keras models), with the pixel convention ``pixels`` (a key of :data:`PIXEL_MODES`) if given, overridden
+    by the values given; ``size=0`` / ``crop=0`` switch resizing / cropping off."""
+    base = default if default is not None else DEFAULT_PREPROCESSING.get(kind, Preprocess())
+    if pixels is not None:
+        if pixels not in PIXEL_MODES:
+            raise InputError(f"unknown pixel convention {pixels!r}; choose one of {', '.join(PIXEL_MODES)}")
+        mode = PIXEL_MODES[pixels]
+        base = Preprocess(base.size, base.crop, mode.mean, mode.std, base.grayscale, False, mode.scale, mode.bgr)
+    pre = Preprocess(base.size, base.crop, base.mean, base.std, base.grayscale or grayscale, invert, base.scale,
+                     base.bgr)
     for key, value in (("size", size), ("crop", crop), ("mean", mean), ("std", std)):
         if value is not None:
             setattr(pre, key, value or None)

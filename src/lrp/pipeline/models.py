@@ -8,23 +8,29 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..errors import ModelError
 
 MODEL_SPECS = ("'mnist' (built-in), a torchvision model name (e.g. vgg16, resnet50; with --weights), "
-               "'module.path:factory' or 'path/to/file.py:factory', or a torch.export program file (.pt2)")
+               "'module.path:factory' or 'path/to/file.py:factory', a torch.export program file (.pt2), a Keras "
+               "model (.keras, .h5; 'keras:VGG16' with --weights for a keras.applications architecture), or an "
+               "ONNX file (.onnx)")
+ZIP_SIGNATURE = b"PK\x03\x04"
 
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode with what its spec tells about it."""
+    """A model in eval mode with what its spec tells about it: for Keras and ONNX models also the preprocessing
+    they expect (``pre``) and one sample's shape, channels first (``shape``; None where a size is open)."""
 
     model: torch.nn.Module
-    kind: str  # "mnist", "torchvision", "factory", "exported"
+    kind: str  # "mnist", "torchvision", "factory", "exported", "keras", "onnx"
     spec: str = ""
+    pre: Optional[Any] = None  # a Preprocess
+    shape: Optional[tuple[Optional[int], ...]] = None
 
 
 def _read_state_dict(path: str) -> dict:
@@ -163,11 +169,81 @@ def load_model(spec: str, weights: Optional[str] = None) -> LoadedModel:
             _load_weights(model, _read_state_dict(weights), weights)
         return LoadedModel(model, "mnist", spec)
     path = Path(spec)
+    if spec.startswith("keras:") and not path.exists():
+        from .keras_model import keras_application
+        return _keras(keras_application(spec[len("keras:"):], weights), spec)
     if ":" in spec and not path.exists():
         return LoadedModel(_factory_model(spec, weights).eval(), "factory", spec)
-    if path.suffix in (".pt2", ".pt", ".pth", ".zip") or path.exists():
+    file_kind = _file_kind(path)
+    if file_kind is not None and weights and not spec.startswith("keras:"):
+        raise ModelError(f"--weights goes with torchvision names, factories and keras:NAME; {spec} holds its "
+                         f"weights already")
+    if file_kind == "keras":
+        from .keras_model import load_keras
+        return _keras(load_keras(path), spec)
+    if file_kind == "onnx":
+        from .onnx_model import load_onnx, onnx_input_shape
+        module = load_onnx(path)
+        shape = onnx_input_shape(path)
+        sample = tuple(shape[1:]) if len(shape) > 1 else None
+        if _channels_last(shape):  # exported from TensorFlow/Keras: (N, H, W, C)
+            from .keras_model import ChannelsLast
+            module, sample = ChannelsLast(module).eval(), (shape[3], shape[1], shape[2])
+        return LoadedModel(module, "onnx", spec, pre=_fixed_size(sample), shape=sample)
+    if file_kind == "torch" or path.suffix in (".pt2", ".pt", ".pth", ".zip"):
         return LoadedModel(_exported(path, spec), "exported", spec)
+    if path.exists():
+        raise ModelError(f"{spec} is not a model file lrp reads: expected a torch.export program (.pt2), a Keras "
+                         f"model (.keras, or .h5: HDF5) or an ONNX model (.onnx)")
     return LoadedModel(_torchvision_model(spec, weights).eval(), "torchvision", spec)
+
+
+def _file_kind(path: Path) -> Optional[str]:
+    """What a model file holds, from its name and first bytes: "keras" (a .keras zip or an HDF5 file), "onnx",
+    "torch" (a zip archive: torch.export or torch.save), or None (no such file, or unknown)."""
+    suffix = path.suffix.lower()
+    if suffix in (".keras", ".h5", ".hdf5"):
+        return "keras"
+    if suffix == ".onnx":
+        return "onnx"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+    from .keras_model import HDF5_SIGNATURE
+    if head == HDF5_SIGNATURE:
+        return "keras"
+    if head.startswith(ZIP_SIGNATURE):
+        import zipfile
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = set(z.namelist())
+        except zipfile.BadZipFile:
+            return None
+        return "keras" if "config.json" in names else "torch"
+    return None
+
+
+def _fixed_size(sample: Optional[tuple]) -> Optional[Any]:
+    """Pictures resized and cropped to a square image input of fixed size (C, H, H); None otherwise."""
+    from .inputs import Preprocess
+    if sample is None or len(sample) != 3 or sample[1] is None or sample[1] != sample[2]:
+        return None
+    return Preprocess(size=sample[1], crop=sample[1], grayscale=sample[0] == 1)
+
+
+def _channels_last(shape: Optional[tuple]) -> bool:
+    """An image input laid out (N, H, W, C): 1, 3 or 4 channels last, and not first."""
+    return (shape is not None and len(shape) == 4 and shape[3] in (1, 3, 4)
+            and shape[1] not in (1, 3, 4))
+
+
+def _keras(model: Any, spec: str) -> LoadedModel:
+    from .keras_model import ChannelsLast, input_shape, preprocessing
+    pre, _ = preprocessing(model)
+    shape = input_shape(model)
+    wrapped = ChannelsLast(model) if shape is not None else model
+    return LoadedModel(wrapped.eval(), "keras", spec, pre=pre, shape=shape)
 
 
 def check_device(spec: str) -> str:

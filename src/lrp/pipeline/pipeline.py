@@ -123,7 +123,8 @@ class Pipeline:
         device = torch.device(check_device(str(device)))
         loaded = load_model(spec, weights)
         loaded.model.to(device)
-        pre = preprocess_for(loaded.kind, **{k: v for k, v in preprocessing.items() if v is not None})
+        pre = preprocess_for(loaded.kind, default=loaded.pre,
+                             **{k: v for k, v in preprocessing.items() if v is not None})
         names = read_classes(classes) if classes else None
         return cls(loaded, pre, names, device=device, name=name or spec)
 
@@ -140,6 +141,8 @@ class Pipeline:
             return DIGIT_SHAPE
         if kind == "exported":
             return _exported_input_shape(self.model)
+        if kind in ("keras", "onnx"):
+            return self.loaded.shape
         if kind == "torchvision":
             side = self.pre.crop
             return (3, side, side) if side else (3, None, None)
@@ -289,7 +292,8 @@ class Pipeline:
                     note = f"z^B bounds as given: low={low:g}, high={high:g}"
                 elif known_range:  # images, or arrays for a model whose input range its kind tells
                     low, high = self.pre.pixel_range()
-                    note = f"z^B bounds from the preprocessing (pixels 0..1): low={_fmt(low)}, high={_fmt(high)}"
+                    note = (f"z^B bounds from the preprocessing (pixels 0..{self.pre.scale:g}): low={_fmt(low)}, "
+                            f"high={_fmt(high)}")
                 elif data_range is not None:
                     low, high = data_range
                     note = (f"z^B bounds from the arrays' values: low={low:g}, high={high:g} (give --low and --high "
