@@ -382,3 +382,42 @@ def test_lrp_serve_explains_a_keras_model(tmp_path, vgg):
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["probabilities"]) == 4 and body["heatmap"].startswith("data:image/png;base64,")
+
+
+def test_a_model_cut_after_a_convolution_does_not_run_the_batchnorm_that_follows_it(cnn):
+    """The conv feeds a BatchNorm in the full model's graph; a feature extractor cut at the conv never calls it."""
+    conv = cnn.layers[0]
+    features = keras.Model(cnn.inputs, conv.output)
+    x = torch.rand(2, 16, 16, 3)
+    res = lrp.explain(features, x, composite="epsilon-plus-flat", start=torch.ones(2, 8, 8, 8))
+    torch.testing.assert_close(res.output, features(x))
+    head = keras.Sequential([features, L.Flatten(), L.Dense(3)])
+    torch.testing.assert_close(lrp.explain(head, x).output, head(x))
+
+
+def test_training_mode_batchnorm_is_refused_in_one_line_and_a_frozen_one_is_explained():
+    inp = keras.Input((8, 8, 3))
+    bn = L.BatchNormalization()
+    out = L.Dense(2)(L.Flatten()(bn(L.Conv2D(4, 3)(inp), training=True)))
+    model = keras.Model(inp, out)
+    with pytest.raises(lrp.UnsupportedOperationError, match="training=True") as info:
+        lrp.explain(model, torch.rand(1, 8, 8, 3))
+    assert "\n" not in str(info.value) and "Exception encountered" not in str(info.value)
+    assert not any("call" in layer.__dict__ for layer in model._flatten_layers(include_self=False))
+    bn.trainable = False  # Keras runs a frozen BatchNorm in inference mode
+    x = torch.rand(2, 8, 8, 3)
+    torch.testing.assert_close(lrp.explain(model, x).output, model(x))
+
+
+def test_channels_first_models_and_files_without_a_suffix_load(tmp_path):
+    from PIL import Image
+    model = keras.Sequential([keras.Input((3, 16, 16)), L.Conv2D(4, 3, data_format="channels_first"), L.Flatten(),
+                              L.Dense(3)])
+    model.save(tmp_path / "cf.keras")
+    pipeline = Pipeline.load(str(tmp_path / "cf.keras"))
+    assert pipeline.input_shape == (3, 16, 16) and pipeline.model is not None
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    torch.testing.assert_close(pipeline.explain([pipeline.image(tmp_path / "a.png")])[0].relevance.shape,
+                               torch.Size([3, 16, 16]))
+    (tmp_path / "model_without_suffix").write_bytes((tmp_path / "cf.keras").read_bytes())
+    assert Pipeline.load(str(tmp_path / "model_without_suffix")).loaded.kind == "keras"

@@ -190,3 +190,23 @@ def test_cli_explains_an_onnx_file_at_its_input_size(tmp_path):
     rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert len(rows) == 2 and ",ok" in rows[1]
     assert main(["explain", str(tmp_path / "a.png"), "--model", str(path), "--weights", "w.pt"]) != 0
+
+
+def test_fused_biases_get_names_of_their_own(tmp_path):
+    """A new bias must not take the name of a tensor already in the graph (here an initializer 'm_bias')."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w, b, other = (rng.normal(size=s).astype("float32") for s in ((4, 3), (3,), (3,)))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="m"),
+             helper.make_node("Add", ["m", "b"], ["z"]),
+             helper.make_node("Add", ["z", "m_bias"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+                               numpy_helper.from_array(other, "m_bias")])
+    path = tmp_path / "names.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = torch.rand(2, 4)
+    expected = x @ torch.from_numpy(w) + torch.from_numpy(b) + torch.from_numpy(other)
+    torch.testing.assert_close(load_onnx(path)(x), expected)

@@ -718,6 +718,8 @@ class _Capture:
         try:
             if self.mode is not None:
                 self.mode.__exit__(*exc)
+            if exc[0] is None and self.keras is not None:
+                self.keras.check()
         finally:
             self._remove()
 

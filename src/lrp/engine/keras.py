@@ -22,10 +22,14 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import UnsupportedOperationError
 
 if TYPE_CHECKING:
     from .capture import Trace
@@ -70,9 +74,11 @@ def _consumers(layer: Any) -> list:
     return [node.operation for node in getattr(layer, "_outbound_nodes", [])]
 
 
-def _merged_batchnorm(layer: Any) -> Optional[Any]:
+def _merged_batchnorm(layer: Any, layers: dict, outputs: set) -> Optional[Any]:
     """The BatchNormalization that ``layer`` (a Dense or convolution without activation) alone feeds, on its channel
-    axis, if any: it is applied right after the layer's op, where the engine merges it."""
+    axis, if any: it is applied right after the layer's op, where the engine merges it. Only a BatchNorm among
+    ``layers`` (those of the models explained: a model cut after the convolution does not run it) and only when the
+    layer's output is none of the models' ``outputs`` (ids of their symbolic outputs)."""
     keras = sys.modules["keras"]
     if layer.activation not in (None, keras.activations.linear):
         return None
@@ -80,8 +86,12 @@ def _merged_batchnorm(layer: Any) -> Optional[Any]:
     if len(consumers) != 1 or not isinstance(consumers[0], keras.layers.BatchNormalization):
         return None
     bn = consumers[0]
+    if id(bn) not in layers:
+        return None
     if len(getattr(bn, "_inbound_nodes", [])) != 1 or len(getattr(layer, "_inbound_nodes", [])) != 1:
         return None  # a shared layer: its calls need not come in pairs
+    if id(layer.output) in outputs:
+        return None
     channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
     rank = getattr(layer, "rank", 0)
     axes = {1} if channels_first else {-1, rank + 1} if rank else {-1}
@@ -90,17 +100,47 @@ def _merged_batchnorm(layer: Any) -> Optional[Any]:
     return bn
 
 
+_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(model: Any) -> threading.Lock:
+    """One lock per Keras model: two traces (e.g. of the model and of a wrapper around it, from two threads) must
+    not patch the same layers at once."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
+
+
 class KerasPatches:
     """The patched ``call`` of each Keras layer of one model, for one trace."""
 
     def __init__(self, trace: "Trace", models: list):
         self.trace = trace
         self.models = models
-        self.applied: dict[int, Any] = {}  # id(output) -> the BatchNormalization already applied to it
+        # id(output) -> (the output, the BatchNormalization already applied to it): each is consumed by that
+        # BatchNorm's call; one left over at the end of the forward is an error (see check)
+        self.applied: dict[int, tuple[Tensor, Any]] = {}
         self.patched: list[Any] = []
+        self.locked: list[threading.Lock] = []
+        self.layers: dict[int, Any] = {}
+        self.outputs: set[int] = set()
+        self.filtering: Optional[bool] = None
+        self.thread = threading.get_ident()  # the patches act in the thread that traces only
 
     def install(self) -> None:
         keras = sys.modules["keras"]
+        for model in sorted(self.models, key=id):  # one order for every trace: no deadlock
+            lock = _lock(model)
+            lock.acquire()
+            self.locked.append(lock)
+        # Keras rewrites errors raised in a layer's call into a long message about the call: lrp's errors stay
+        # one line while the trace runs
+        self.filtering = keras.config.is_traceback_filtering_enabled()
+        if self.filtering:
+            keras.config.disable_traceback_filtering()
         L = keras.layers
         table: list[tuple[type, Callable]] = [
             (L.SeparableConv1D, self._separable), (L.SeparableConv2D, self._separable),
@@ -108,7 +148,10 @@ class KerasPatches:
             (L.Conv1D, self._conv), (L.Conv2D, self._conv), (L.Conv3D, self._conv),
             (L.Dense, self._dense), (L.BatchNormalization, self._batchnorm),
         ]
-        layers = {id(layer): layer for model in self.models for layer in _layers(model)}
+        self.layers = layers = {id(layer): layer for model in self.models for layer in _layers(model)}
+        for model in (*self.models, *layers.values()):
+            for out in getattr(model, "outputs", None) or () if isinstance(model, keras.Model) else ():
+                self.outputs.add(id(out))
         for layer in layers.values():
             if "call" in layer.__dict__:
                 continue  # patched already, or a call of the user's own
@@ -120,16 +163,31 @@ class KerasPatches:
             object.__setattr__(layer, "call", functools.partial(self._named, layer, fn))
             self.patched.append(layer)
 
+    def check(self) -> None:
+        """After the forward: every BatchNorm applied early was then called on that output."""
+        if self.applied:
+            _, bn = next(iter(self.applied.values()))
+            raise UnsupportedOperationError(
+                f"Keras layer '{bn.name}' (BatchNormalization) was merged into the layer before it but not called "
+                f"on its output in this forward; explain the model as a whole, or report this model's structure")
+
     def remove(self) -> None:
         for layer in self.patched:
             if "call" in layer.__dict__:
                 object.__delattr__(layer, "call")
         self.patched.clear()
         self.applied.clear()
+        if self.filtering:
+            sys.modules["keras"].config.enable_traceback_filtering()
+            self.filtering = None
+        while self.locked:
+            self.locked.pop().release()
 
     # ------------------------------------------------------------------ names
     def _named(self, layer: Any, fn: Callable, inputs: Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` as if the layer were a module: the trace names the ops in it by the Keras layer's name."""
+        if threading.get_ident() != self.thread:  # another thread runs the model meanwhile: Keras' own call
+            return type(layer).call(layer, inputs, *args, **kwargs)
         trace = self.trace
         trace.stack.append((layer.name, layer, None, ((inputs,), kwargs)))
         trace.layer_modules.add(id(layer))
@@ -141,22 +199,22 @@ class KerasPatches:
     # ------------------------------------------------------------------ layers
     def _finish(self, layer: Any, z: Tensor, channels_first: bool, bn_axis: int = 1) -> Tensor:
         """BatchNorm merged into ``layer`` (if it feeds one), channels back to Keras' order, the activation."""
-        bn = _merged_batchnorm(layer)
+        bn = _merged_batchnorm(layer, self.layers, self.outputs)
         if bn is not None:
             z = self._batch_norm(bn, z, bn_axis)
         if not channels_first and z.ndim > 2:
             z = z.movedim(1, -1)
         if bn is not None:
-            self.applied[id(z)] = bn
+            self.applied[id(z)] = (z, bn)
         return z if layer.activation is None else layer.activation(z)
 
     def _dense(self, layer: Any, inputs: Tensor, training: Any = None) -> Tensor:
         """``F.linear(x, W^T, b)``: Keras keeps W as (in, out)."""
         z = F.linear(inputs, _weight(layer.kernel).t(), _value(layer.bias))
-        bn = _merged_batchnorm(layer)
+        bn = _merged_batchnorm(layer, self.layers, self.outputs)
         if bn is not None:
             z = self._batch_norm(bn, z, z.ndim - 1)
-            self.applied[id(z)] = bn
+            self.applied[id(z)] = (z, bn)
         return z if layer.activation is None else layer.activation(z)
 
     def _conv(self, layer: Any, inputs: Tensor) -> Tensor:
@@ -200,10 +258,14 @@ class KerasPatches:
 
     def _batchnorm(self, layer: Any, inputs: Tensor, training: Any = None, mask: Any = None) -> Tensor:
         """Already applied by the layer before it (see :func:`_merged_batchnorm`), or ``F.batch_norm`` here."""
-        if training:
-            raise RuntimeError(f"Keras layer '{layer.name}' (BatchNormalization) was called with training=True; "
-                               f"lrp explains inference: call the model without training=True")
-        if self.applied.get(id(inputs)) is layer:
+        if training and layer.trainable:  # Keras runs a frozen BatchNorm (trainable=False) in inference mode
+            raise UnsupportedOperationError(
+                f"Keras layer '{layer.name}' (BatchNormalization) is called with training=True, so it would normalise "
+                f"with the batch's statistics; lrp explains inference. Call the model without training=True, or "
+                f"freeze the layer (layer.trainable = False) if the model passes training=True itself")
+        entry = self.applied.get(id(inputs))
+        if entry is not None and entry[0] is inputs and entry[1] is layer:
+            del self.applied[id(inputs)]
             return inputs
         axis = layer.axis % inputs.ndim
         return self._batch_norm(layer, inputs, axis)

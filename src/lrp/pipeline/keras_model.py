@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,8 +59,8 @@ def import_keras() -> Any:
 
 
 class ChannelsLast(torch.nn.Module):
-    """A Keras model that reads ``(N, H, W, C)`` (or ``(N, L, C)``), called with ``(N, C, H, W)``: the transpose
-    only routes values, so relevance comes back channels first, as the pipeline shows it."""
+    """A model that reads images ``(N, H, W, C)``, called with ``(N, C, H, W)``: the transpose only routes values, so
+    relevance comes back channels first, as the pipeline shows it."""
 
     def __init__(self, model: Any):
         super().__init__()
@@ -86,11 +87,22 @@ def preprocessing(model: Any, mode: Optional[str] = None) -> tuple[Preprocess, s
 def input_shape(model: Any) -> Optional[tuple[Optional[int], ...]]:
     """One sample's shape channels first, ``(C, H, W)`` (None for sizes the model leaves open), for a Keras model
     with one image input; None otherwise."""
+    layout = image_layout(model)
+    return None if layout is None else layout[0]
+
+
+def image_layout(model: Any) -> Optional[tuple[tuple[Optional[int], ...], bool]]:
+    """``((C, H, W), channels_last)`` for a Keras model with one image input (4-D), laid out as its first layer
+    with a ``data_format`` reads (Keras' default: channels last); None for other inputs."""
     shape = getattr(model, "input_shape", None)
     if not isinstance(shape, tuple) or len(shape) != 4 or isinstance(shape[0], (tuple, list)):
         return None
+    first = next((layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                  if getattr(layer, "data_format", None) in ("channels_first", "channels_last")), None)
+    if first is not None and first.data_format == "channels_first":
+        return tuple(shape[1:]), False
     _, h, w, c = shape
-    return (c, h, w)
+    return (c, h, w), True
 
 
 def _check_file(path: Path) -> None:
@@ -102,20 +114,28 @@ def _check_file(path: Path) -> None:
 
 
 def load_keras(path: Path) -> Any:
-    """A ``.keras`` file or a legacy HDF5 model file (``.h5``), in inference mode."""
+    """A ``.keras`` file or a legacy HDF5 model file (``.h5``; either also under another name, told by its first
+    bytes), in inference mode."""
     _check_file(path)
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        with open(path, "rb") as f:
-            if f.read(8) != HDF5_SIGNATURE:
-                raise ModelError(f"{path} is not an HDF5 file; a .h5 model is a Keras model saved with "
-                                 f"model.save('model.h5')")
+    with open(path, "rb") as f:
+        hdf5 = f.read(8) == HDF5_SIGNATURE
+    if path.suffix.lower() in (".h5", ".hdf5") and not hdf5:
+        raise ModelError(f"{path} is not an HDF5 file; a .h5 model is a Keras model saved with "
+                         f"model.save('model.h5')")
+    if hdf5:
         _check_h5_model(path)
     keras = import_keras()
-    try:
-        model = keras.saving.load_model(str(path), compile=False)
-    except Exception as exc:
-        raise ModelError(f"cannot load {path} as a Keras model: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from None
+    suffix = ".h5" if hdf5 else ".keras"
+    with tempfile.TemporaryDirectory() as folder:
+        named = path
+        if path.suffix.lower() != suffix and not (hdf5 and path.suffix.lower() == ".hdf5"):
+            named = Path(folder) / f"model{suffix}"  # Keras tells the format by the name only
+            named.symlink_to(path.resolve())
+        try:
+            model = keras.saving.load_model(str(named), compile=False)
+        except Exception as exc:
+            raise ModelError(f"cannot load {path} as a Keras model: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from None
     return model
 
 

@@ -239,11 +239,11 @@ def _channels_last(shape: Optional[tuple]) -> bool:
 
 
 def _keras(model: Any, spec: str) -> LoadedModel:
-    from .keras_model import ChannelsLast, input_shape, preprocessing
+    from .keras_model import ChannelsLast, image_layout, preprocessing
     pre, _ = preprocessing(model)
-    shape = input_shape(model)
-    wrapped = ChannelsLast(model) if shape is not None else model
-    return LoadedModel(wrapped.eval(), "keras", spec, pre=pre, shape=shape)
+    layout = image_layout(model)
+    wrapped = ChannelsLast(model) if layout is not None and layout[1] else model
+    return LoadedModel(wrapped.eval(), "keras", spec, pre=pre, shape=None if layout is None else layout[0])
 
 
 def check_device(spec: str) -> str:

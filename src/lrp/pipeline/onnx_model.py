@@ -113,6 +113,17 @@ def _fuse_layers(onnx: Any, model: Any) -> None:
     except Exception:
         ranks = {}
 
+    taken = {init.name for init in graph.initializer} | fed | outputs | {o for n in graph.node for o in n.output}
+
+    def fresh(base: str) -> str:
+        """A tensor name no initializer, input or node output has yet."""
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
     def weight(name: str) -> Optional[Any]:
         return onnx.numpy_helper.to_array(inits[name]) if name in inits and name not in fed else None
 
@@ -141,7 +152,7 @@ def _fuse_layers(onnx: Any, model: Any) -> None:
             inputs, output = list(node.input), node.output[0]
             if found is not None:
                 add, b = found
-                bias = onnx.numpy_helper.from_array(b.astype(w.dtype), f"{node.name or output}_bias")
+                bias = onnx.numpy_helper.from_array(b.astype(w.dtype), fresh(f"{node.output[0]}_bias"))
                 graph.initializer.append(bias)
                 inputs.append(bias.name)
                 output = add.output[0]
@@ -157,7 +168,7 @@ def _fuse_layers(onnx: Any, model: Any) -> None:
             if found is None:
                 continue
             add, b = found
-            bias = onnx.numpy_helper.from_array(b.astype(w.dtype), f"{node.name or node.output[0]}_bias")
+            bias = onnx.numpy_helper.from_array(b.astype(w.dtype), fresh(f"{node.output[0]}_bias"))
             graph.initializer.append(bias)
             node.input.append(bias.name)
             node.output[0] = add.output[0]
