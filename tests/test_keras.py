@@ -265,6 +265,9 @@ def test_saved_models_load_and_explain_as_the_model_in_memory(tmp_path, vgg, suf
     vgg.save(path)
     pipeline = Pipeline.load(str(path))
     assert pipeline.loaded.kind == "keras" and pipeline.input_shape == (3, 16, 16)
+    assert pipeline.pre.scale == 255.0 and pipeline.pre.bgr  # named vgg...: Caffe's convention, as Keras' VGG16
+    given = Pipeline.load(str(path), pixels="tf").pre
+    assert given.scale == 1.0 and not given.bgr and given.mean == (0.5, 0.5, 0.5) and given.size == 16
     x = torch.rand(2, 3, 16, 16)
     loaded = lrp.explain(pipeline.model, x).relevance
     direct = lrp.explain(vgg, x.permute(0, 2, 3, 1)).relevance.permute(0, 3, 1, 2)
@@ -302,6 +305,12 @@ def test_cli_explains_keras_files(tmp_path, vgg, capsys):
         rows = (out / "summary.csv").read_text().splitlines()
         assert len(rows) == 2 and ",ok" in rows[1]
         assert np.load(out / "a_relevance.npy").shape == (3, 16, 16)
+    # a convention given by hand: the same model read as Caffe's VGG reads (BGR, 0..255 minus the mean)
+    assert main(["explain", str(tmp_path / "a.png"), "--model", str(tmp_path / "m.keras"), "--pixels", "caffe",
+                 "--composite", "epsilon-gamma-box", "--out", str(tmp_path / "caffe")]) == 0
+    assert "0..255" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["explain", str(tmp_path / "a.png"), "--model", str(tmp_path / "m.keras"), "--pixels", "bgr"])
 
 
 def test_bad_files_are_refused_in_one_line(tmp_path, capsys):

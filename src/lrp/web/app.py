@@ -152,7 +152,7 @@ def _model_info(served: Served) -> ModelInfo:
         composites=list(service.COMPOSITES), default_composite=service.DEFAULT_COMPOSITE,
         preprocessing=PreprocessingInfo(size=pre.size, crop=pre.crop, mean=list(pre.mean) if pre.mean else None,
                                         std=list(pre.std) if pre.std else None, grayscale=pre.grayscale,
-                                        invert=pre.invert))
+                                        invert=pre.invert, scale=pre.scale, bgr=pre.bgr))
 
 
 def _openapi_body() -> dict:

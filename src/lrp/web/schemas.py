@@ -134,6 +134,8 @@ class PreprocessingInfo(BaseModel):
     std: Optional[list[float]]
     grayscale: bool
     invert: bool
+    scale: float = 1.0  # pixels in [0, scale] before mean and std (255 for Keras' caffe and raw conventions)
+    bgr: bool = False  # channels reversed to BGR (Keras' caffe convention)
 
 
 class ModelInfo(BaseModel):
