@@ -82,7 +82,7 @@ def test_readme_evaluate_command(tmp_path):
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     lines = [line.split("#")[0].split() for line in re.findall(r"^lrp evaluate.*$", readme, re.M)
-             if "--model spam" not in line]  # that one: tests/test_spam_cli.py
+             if "--model spam" not in line and "--benchmark" not in line]  # tests/test_spam_cli.py, test_vqa_benchmark.py
     assert lines
     for args in lines:
         result = run(*args[2:], cwd=tmp_path)

@@ -12,6 +12,9 @@ from ..composites import COMPOSITES, Composite, composite
 from ..explain import Explanation, explain
 
 Tensor = torch.Tensor
+# the LRP composites ``lrp evaluate`` and its benchmarks compare by default, with every baseline: those that differ
+# on the layers of a CNN
+EVALUATE_COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "layered", "epsilon-alpha2-beta1", "lrp0")
 MethodSpec = Union[str, Composite, Callable[..., object], Tensor]
 Method = Callable[[torch.nn.Module, Tensor, object], Tensor]
 

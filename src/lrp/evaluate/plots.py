@@ -8,12 +8,14 @@ from typing import Optional
 import numpy as np
 
 
-def _figure(**kwargs):
+def new_figure(**kwargs):
+    """A matplotlib ``Figure`` made without pyplot (``kwargs``: ``figsize`` and so on)."""
     from matplotlib.figure import Figure
     return Figure(**kwargs)
 
 
-def _finish(fig, path):
+def save_figure(fig, path):
+    """Write ``fig`` to ``path`` as a PNG (120 dpi, tight) unless ``path`` is None; return ``fig``."""
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
@@ -25,7 +27,7 @@ def plot_curves(curves: dict, path=None, title: Optional[str] = None):
 
     from matplotlib import colormaps
 
-    fig = _figure(figsize=(6.4, 4.2))
+    fig = new_figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     colours = iter(list(getattr(colormaps["tab10"], "colors")) * 3)
     for name, curve in curves.items():
@@ -39,7 +41,7 @@ def plot_curves(curves: dict, path=None, title: Optional[str] = None):
     ax.set_title(title or ("Perturbation curves, " + order.upper()))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_randomisation(result, path=None, cmap: str = "bwr"):
@@ -48,7 +50,7 @@ def plot_randomisation(result, path=None, cmap: str = "bwr"):
 
     steps = len(result.layers)
     shown = list(np.unique(np.linspace(0, steps - 1, min(steps, 8)).round().astype(int)))
-    fig = _figure(figsize=(max(6.4, 1.1 * len(shown)), 6.0))
+    fig = new_figure(figsize=(max(6.4, 1.1 * len(shown)), 6.0))
     grid = fig.add_gridspec(2, len(shown), height_ratios=[3, 1.3])
     ax = fig.add_subplot(grid[0, :])
     x = np.arange(steps)
@@ -74,4 +76,4 @@ def plot_randomisation(result, path=None, cmap: str = "bwr"):
             sub.set_title(result.layers[k], fontsize=7)
             sub.axis("off")
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure(fig, path)

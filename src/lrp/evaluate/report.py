@@ -101,7 +101,7 @@ def method_kind(name: str, spec: object = None) -> str:
     return "lrp" if key in COMPOSITES else "baseline"
 
 
-def _gap(a: str, b: str, values: Mapping[str, float], samples: Mapping[str, np.ndarray]):
+def paired_gap(a: str, b: str, values: Mapping[str, float], samples: Mapping[str, np.ndarray]):
     """(mean difference a - b, its standard error over inputs or None): paired, the inputs being the same."""
     if a in samples and b in samples and len(samples[a]) == len(samples[b]) and len(samples[a]) > 1:
         d = np.asarray(samples[a], dtype=float) - np.asarray(samples[b], dtype=float)
@@ -144,7 +144,7 @@ def _perturbation_verdict(values: Mapping, samples: Mapping, kinds: Mapping[str,
         if not others:
             return f"only `random` was evaluated (MoRF AOPC {fmt(values[best])})."
         runner = others[0]
-        d, se = _gap(best, runner, values, samples)
+        d, se = paired_gap(best, runner, values, samples)
         return (f"no method beats random: `{best}` has the highest MoRF AOPC, {fmt(values[best])}, vs "
                 f"{values[runner]:.{decimals}f} for `{runner}` ({diff(d, se)}); these rankings do not find what the "
                 f"model uses.")
@@ -161,7 +161,7 @@ def _perturbation_verdict(values: Mapping, samples: Mapping, kinds: Mapping[str,
     if rival is None:
         text = f"{who} is the only method besides random: MoRF AOPC {fmt(values[best])}"
     else:
-        d, se = _gap(best, rival, values, samples)
+        d, se = paired_gap(best, rival, values, samples)
         close = _closeness(d, se, values[best])
         numbers = f"MoRF AOPC {fmt(values[best])} vs {values[rival]:.{decimals}f} for {rival_text} ({diff(d, se)})"
         if close == "noise":
@@ -174,7 +174,7 @@ def _perturbation_verdict(values: Mapping, samples: Mapping, kinds: Mapping[str,
             text = f"{who} lowers the explained {name} fastest: {numbers}"
     if randoms:
         floor = randoms[0]
-        d, se = _gap(best, floor, values, samples)
+        d, se = paired_gap(best, floor, values, samples)
         if _closeness(d, se, values[best]) == "clear":
             text += f"; random: {values[floor]:.{decimals}f}."
         else:
@@ -295,7 +295,8 @@ REPLACE_TEXT = {"zero": "zero", "mean": "the per-channel mean", "blur": "a Gauss
                 "(sigma 2)", "uniform": "uniform noise in the input's value range"}
 
 
-def _table(rows: list[dict], keys: Sequence[str]) -> str:
+def markdown_table(rows: list[dict], keys: Sequence[str]) -> str:
+    """``rows`` as a Markdown table with the columns ``keys`` (floats with 3 decimals)."""
     def fmt(v):
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.3f}"
@@ -373,7 +374,7 @@ def run(
         keys = [k for k in table.rows[0] if k != "method"]
         columns += [k for k in keys if k not in columns]
         sections.append(f"### Removed features replaced by {REPLACE_TEXT.get(replace, replace)}\n\n"
-                        + _table(table.rows, ["method", *keys]) + "\n\n" + " ".join(pictures) + "\n")
+                        + markdown_table(table.rows, ["method", *keys]) + "\n\n" + " ".join(pictures) + "\n")
     write_csv(all_rows, out / "results.csv")
 
     random_rows: list[dict] = []
@@ -393,7 +394,7 @@ def run(
         random_section = (
             f"## Randomisation sanity check (Adebayo et al. 2018)\n\nLayers re-initialised cumulatively from the "
             f"output down, on {len(xs)} inputs; similarity of each heatmap to the trained model's. All layers "
-            f"randomised:\n\n" + _table(last, ["method", "spearman", "ssim", "relative_l2"])
+            f"randomised:\n\n" + markdown_table(last, ["method", "spearman", "ssim", "relative_l2"])
             + "\n\nA method whose heatmap survives randomisation (Spearman near 1) does not explain the model. "
               "Full table: `randomisation.csv`.\n\n" + " ".join(pictures) + "\n")
 
@@ -420,6 +421,6 @@ def run(
     lines += ["## Perturbation and complexity", "", *sections, random_section,
               "Raw numbers: `results.csv`" + (", `randomisation.csv`." if random_rows else ".")]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    log(_table(main.rows, ["method", "aopc_morf", "aopc_lerf", "abpc", "sparseness", "ms_per_sample"]))
+    log(markdown_table(main.rows, ["method", "aopc_morf", "aopc_lerf", "abpc", "sparseness", "ms_per_sample"]))
     log(f"wrote {out / 'report.md'} in {time.perf_counter() - began:.1f} s")
     return out / "report.md"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .compare import write_csv
-from .report import SCORE_TEXT, _decimals, _gap, _perturbation_verdict, _table, _unit, method_kind
+from .report import SCORE_TEXT, _decimals, _perturbation_verdict, _unit, markdown_table, method_kind, paired_gap
 from .tokens import (DEFAULT_TEXT_METHODS, REMOVALS, TextMethodSpec, TokenCurve, explain_tokens,
                      resolve_text_method, token_deletion_curve)
 
@@ -76,7 +76,7 @@ def _leader(metric: str, rows: Sequence[Mapping], kinds: Mapping[str, str], samp
         return top["method"], f"{top[metric]:.{decimals}f}"
     runner = ranked[1]
     values = {r["method"]: r[metric] for r in ranked[:2]}
-    d, se = _gap(top["method"], runner["method"], values, samples)
+    d, se = paired_gap(top["method"], runner["method"], values, samples)
     margin = f"{d:+.{decimals}f}" + ("" if se is None else f" ± {2 * se:.{decimals}f}")
     close = "within the noise of" if se is not None and abs(d) <= 2 * se else "ahead of"
     return top["method"], (f"{top[metric]:.{decimals}f}, {close} `{runner['method']}` at "
@@ -109,13 +109,13 @@ def _homogeneous_note(groups: Sequence[tuple[list[str], float]]) -> str:
 
 
 def _plot(curves: Mapping[str, TokenCurve], path: Path, title: str, ylabel: str) -> None:
-    from .plots import _finish, plot_curves
+    from .plots import plot_curves, save_figure
     fig = plot_curves(dict(curves), None, title)
     order = next(iter(curves.values())).order if curves else "morf"
     fig.axes[0].set_ylabel(ylabel)
     fig.axes[0].set_xlabel("fraction of the mail's tokens removed ("
                            + ("most" if order == "morf" else "least") + " relevant first)")
-    _finish(fig, path)
+    save_figure(fig, path)
 
 
 def run_spam(
@@ -342,7 +342,7 @@ def run_spam(
             "ms_per_sample"]
     for rem in removals:
         table = sorted((r for r in rows if r["removal"] == rem), key=lambda r: -r["aopc_morf"])
-        lines += [f"### {REMOVAL_TEXT[rem]}", "", _table(table, keys), "", " ".join(pictures[rem]), ""]
+        lines += [f"### {REMOVAL_TEXT[rem]}", "", markdown_table(table, keys), "", " ".join(pictures[rem]), ""]
     first = removals[0]
     dips = [(m, float(c["morf"].mean[:-1].min())) for m, c in curves[first].items()
             if c["morf"].mean[:-1].min() < 0 and shared.get(m, m) == m]
@@ -375,7 +375,7 @@ def run_spam(
     seconds = time.perf_counter() - began
     text = "\n".join(lines).replace("{seconds}", f"{seconds:.0f}")
     (folder / "report.md").write_text(text, encoding="utf-8")
-    log(_table(rows, ["method", "removal", "aopc_morf", "aopc_lerf", "abpc", "ms_per_sample"]))
+    log(markdown_table(rows, ["method", "removal", "aopc_morf", "aopc_lerf", "abpc", "ms_per_sample"]))
     log(f"wrote {folder / 'report.md'} in {seconds:.1f} s")
     return folder / "report.md"
 
