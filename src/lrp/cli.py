@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-# what `lrp evaluate` compares by default: the composites that differ on the layers of a CNN, and every baseline
-EVALUATE_COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "layered", "epsilon-alpha2-beta1", "lrp0")
 RANDOMISE = ("epsilon-plus-flat", "epsilon-gamma-box", "gradient")  # put through the randomisation check
 IMAGE_REMOVALS = ("blur", "uniform", "zero", "mean")  # what removed pixels become
 TEXT_REMOVALS = ("mask", "delete")  # how removed tokens go
+BENCHMARKS = ("shapes-vqa",)  # lrp evaluate --benchmark: known-answer benchmarks with their own model and data
 
 
 def _text_methods() -> list[str]:
@@ -62,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     if missing:
         raise CommandError(f"lrp serve needs {', '.join(missing)}: pip install 'lrp[web]'")
     from .web.server import serve
-    # no --model: mnist and spam (preprocessing options alone apply to mnist)
+    # no --model: mnist, spam and vqa (preprocessing options alone apply to mnist)
     serve(args.served or [], host=args.host, port=args.port, threads=args.threads, device=args.device)
     return 0
 
@@ -72,7 +71,7 @@ def _pipeline(args: argparse.Namespace):
     from .pipeline import Pipeline
     return Pipeline.load(args.model, args.weights, getattr(args, "classes", None), device=args.device, size=args.size,
                          crop=args.crop, mean=args.mean, std=args.std, grayscale=args.grayscale,
-                         invert=args.invert)
+                         invert=args.invert, pixels=getattr(args, "pixels", None))
 
 
 def _note(text: str) -> None:
@@ -125,7 +124,9 @@ def _composites(args: argparse.Namespace, pipeline, name: str, prepared: list) -
 
 # options of lrp explain that apply to images and arrays only: (flag, the value that means "not given")
 IMAGE_OPTIONS = (("--weights", None), ("--size", None), ("--crop", None), ("--mean", None), ("--std", None),
-                 ("--grayscale", False), ("--invert", False), ("--low", None), ("--high", None), ("--maxpool", "max"))
+                 ("--pixels", None), ("--grayscale", False), ("--invert", False), ("--low", None), ("--high", None),
+                 ("--maxpool", "max"))
+PIXEL_CHOICES = ["caffe", "tf", "torch", "raw"]  # lrp.pipeline.inputs.PIXEL_MODES
 
 
 def _explain_text(args: argparse.Namespace) -> int:
@@ -205,6 +206,38 @@ def _explain_text(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# options of lrp explain that apply to --store zarr only: (flag, the value that means "not given")
+STORE_OPTIONS: tuple[tuple[str, object], ...] = (("--list", []), ("--png", False), ("--dtype", "float32"),
+                                                 ("--resume", False), ("--workers", None), ("--chunk", None))
+
+
+def _explain_store(args: argparse.Namespace) -> int:
+    """``lrp explain --store zarr``: every input's relevance as a row of one Zarr array (:mod:`lrp.scale`)."""
+    from .pipeline.text import is_text_spec
+
+    if is_text_spec(args.model) or args.text or args.text_file or args.merge_words is not None:
+        raise CommandError("--store zarr holds the relevance of images and arrays; text models write files per "
+                           "text (drop --store zarr)")
+    if not args.inputs and not args.list:
+        raise CommandError("give the inputs to explain: folders, image files, .npy/.npz arrays, .tar shards "
+                           "(WebDataset) or --list FILE")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--chunk", args.chunk, 1),
+                               ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise CommandError(f"{flag} must be at least {least}")
+    from .scale import StoreError, StoreOptions, explain_to_store, rank_device
+
+    args.device = rank_device(args.device)  # under torchrun: cuda -> cuda:LOCAL_RANK
+    args.composite = args.composite or "epsilon-plus-flat"
+    options = StoreOptions(args.inputs, args.out, args.list, args.composite, args.target, args.maxpool, args.low,
+                           args.high, args.weights, args.dtype, args.batch_size, args.chunk, args.workers,
+                           args.resume, args.png, args.cmap)
+    try:
+        return explain_to_store(_pipeline(args), options)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -213,6 +246,11 @@ def _explain(args: argparse.Namespace) -> int:
     from .pipeline.outputs import failed_row, summary_row, write, write_summary
     from .pipeline.text import is_text_spec
 
+    if args.store == "zarr":
+        return _explain_store(args)
+    for flag, unset in STORE_OPTIONS:
+        if getattr(args, flag[2:]) != unset:
+            raise CommandError(f"{flag} applies to --store zarr (a dataset run into one Zarr store)")
     if is_text_spec(args.model) or args.text or args.text_file:
         return _explain_text(args)
     if args.merge_words is not None:
@@ -327,6 +365,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .pipeline import composite_names
     from .pipeline.text import SPAM_SPEC, is_hf_spec
 
+    if args.benchmark:
+        return _evaluate_benchmark(args)
+    args.model = args.model or "mnist"
     if args.model == SPAM_SPEC:
         return _evaluate_spam(args)
     if is_hf_spec(args.model):
@@ -336,6 +377,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if text_removals:
         raise CommandError(f"--replace {text_removals[0]} removes tokens (--model spam); images and arrays take "
                            f"{', '.join(IMAGE_REMOVALS)}")
+    from .evaluate.methods import EVALUATE_COMPOSITES
     args.methods = args.methods or [*EVALUATE_COMPOSITES, *baselines.METHODS]
     args.randomise = list(RANDOMISE) if args.randomise is None else args.randomise
     args.limit = 300 if args.limit is None else args.limit
@@ -435,12 +477,7 @@ def _evaluate_spam(args: argparse.Namespace) -> int:
     """``lrp evaluate --model spam``: token deletion on held-out mails (:func:`lrp.evaluate.text_report.run_spam`)."""
     from .evaluate.text_report import run_spam
 
-    given = [flag for flag, value in (("inputs", args.inputs), ("--masks", args.masks), ("--weights", args.weights),
-                                      ("--randomise", args.randomise), ("--patch", args.patch != 1),
-                                      ("--maxpool", args.maxpool != "max"), ("--size", args.size),
-                                      ("--crop", args.crop), ("--mean", args.mean), ("--std", args.std),
-                                      ("--grayscale", args.grayscale), ("--invert", args.invert),
-                                      ("--low", args.low), ("--high", args.high)) if value]
+    given = _image_options(args)
     if given:
         raise CommandError(f"{given[0]} does not apply to --model spam: it is evaluated on its own held-out mails "
                            f"by token deletion (options: --methods, --limit, --steps, --replace mask delete, "
@@ -461,12 +498,56 @@ def _evaluate_spam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_options(args: argparse.Namespace) -> list[str]:
+    """The options of lrp evaluate for input files, images and arrays that were given."""
+    return [flag for flag, value in (("inputs", args.inputs), ("--masks", args.masks), ("--weights", args.weights),
+                                     ("--randomise", args.randomise), ("--patch", args.patch != 1),
+                                     ("--maxpool", args.maxpool != "max"), ("--size", args.size),
+                                     ("--crop", args.crop), ("--mean", args.mean), ("--std", args.std),
+                                     ("--pixels", args.pixels), ("--grayscale", args.grayscale),
+                                     ("--invert", args.invert), ("--low", args.low), ("--high", args.high)) if value]
+
+
+def _evaluate_benchmark(args: argparse.Namespace) -> int:
+    """``lrp evaluate --benchmark shapes-vqa``: the built-in VQA model on held-out Shapes VQA questions, localisation
+    in their ground-truth masks (:func:`lrp.evaluate.vqa_benchmark.run`)."""
+    from .evaluate.report import markdown_table
+    from .evaluate.vqa_benchmark import run
+
+    given = [flag for flag, value in (("--model", args.model), ("--steps", args.steps), ("--replace", args.replace),
+                                      ("--score", args.score != "logit"), ("--device", args.device != "cpu"),
+                                      ("--randomisation-samples", args.randomisation_samples != 16))
+             if value] + _image_options(args)
+    if given:
+        raise CommandError(f"{given[0]} does not apply to --benchmark {args.benchmark}: it evaluates the built-in VQA "
+                           f"model (lrp.models.vqa()) on its own held-out questions, on the CPU (options: --methods, "
+                           f"--limit, --batch-size, --out)")
+    settings = {key: value for key, value in (("limit", args.limit), ("batch_size", args.batch_size))
+                if value is not None}  # else run's defaults
+    try:
+        result = run(args.out, methods=args.methods, command="lrp " + shlex.join(args.argv),
+                     log=lambda line: print(line, file=sys.stderr), **settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"answer accuracy: {result.accuracy.overall:.3f}")
+    main = [r for r in result.rows if r["subset"] == "correct" and r["question_type"] == "all"]
+    print(markdown_table(main, ["method", "kind", "n", "mass_accuracy", "rank_accuracy", "pointing_game"]))
+    print(f"report: {result.report}")
+    return 0
+
+
 def _preprocessing_help() -> str:
     from .pipeline import DEFAULT_PREPROCESSING
     lines = ["default preprocessing of images, by --model:"]
     names = {"mnist": "mnist", "torchvision": "torchvision names", "factory": "module:factory, file.py:factory",
-             "exported": ".pt2 programs"}
+             "exported": ".pt2 programs", "onnx": ".onnx files"}
     for kind, pre in DEFAULT_PREPROCESSING.items():
+        if kind == "keras":
+            lines.append("  .keras/.h5 files, keras:NAME: Keras' preprocess_input, by the model's name (caffe for VGG "
+                         "and ResNet: BGR 0..255 minus the ImageNet mean; tf for MobileNet, Xception, Inception: "
+                         "[-1, 1]; torch for DenseNet; 0..255 where the model rescales itself; else [0, 1]), at the "
+                         "model's input size, channels last")
+            continue
         lines.append(f"  {names[kind]}: {pre.describe()}")
     lines += ["--size/--crop/--mean/--std override these (--size 0 / --crop 0: no resizing / cropping; a model "
               "trained at another size says so with them).",
@@ -477,6 +558,7 @@ def _preprocessing_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import baselines
+    from .evaluate.methods import EVALUATE_COMPOSITES
     from .pipeline import MODEL_SPECS, composite_names
     from .pipeline.text import HF_SPEC, TEXT_SPECS
 
@@ -487,22 +569,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="lrp-demo", help="output folder (default: lrp-demo)")
     demo.set_defaults(func=_demo)
 
-    sv = sub.add_parser("serve", help="a web page to draw digits, upload images or type texts and see why; a JSON "
-                                      "API",
-                        description="Serve a web app: draw a digit, upload an image or type a text, see the "
-                                    "prediction and its explanation; POST /api/explain for programs (docs at "
-                                    "/docs). --weights, --classes and the preprocessing options apply to the "
-                                    "--model they follow.")
+    sv = sub.add_parser("serve", help="a web page to draw digits, upload images, type texts or ask about scenes "
+                                      "and see why; a JSON API",
+                        description="Serve a web app: draw a digit, upload an image, type a text or ask about a "
+                                    "generated scene, see the prediction and its explanation; POST /api/explain and "
+                                    "POST /api/vqa/explain for programs (docs at /docs). --weights, --classes and "
+                                    "the preprocessing options apply to the --model they follow.")
     sv.add_argument("--model", action=_ServeOption, dest="model", metavar="SPEC",
                     help=f"{MODEL_SPECS}; or a text classifier: spam (built in) or hf:DIR (a local Hugging Face "
-                         f"...ForSequenceClassification checkpoint); default: mnist and spam; repeat to serve "
-                         f"several")
+                         f"...ForSequenceClassification checkpoint); or vqa (the built-in visual question "
+                         f"answering model); default: mnist, spam and vqa; repeat to serve several")
     sv.add_argument("--weights", action=_ServeOption, help="a state dict for the --model before it")
     sv.add_argument("--classes", action=_ServeOption, help="text file with one class name per line")
     sv.add_argument("--size", type=int, action=_ServeOption, help="resize images: shorter side in pixels")
     sv.add_argument("--crop", type=int, action=_ServeOption, help="centre-crop images to this square size")
     sv.add_argument("--mean", type=float, nargs="+", action=_ServeOption, help="per-channel mean to subtract")
     sv.add_argument("--std", type=float, nargs="+", action=_ServeOption, help="per-channel std to divide by")
+    sv.add_argument("--pixels", choices=PIXEL_CHOICES, action=_ServeOption,
+                    help="a Keras preprocess_input convention (see lrp explain --help)")
     sv.add_argument("--grayscale", nargs=0, const=True, action=_ServeOption, help="read images as one channel")
     sv.add_argument("--invert", nargs=0, const=True, action=_ServeOption, help="invert uploaded images")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
@@ -552,35 +636,70 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--crop", type=int, help="centre-crop images to this square size (0: no cropping)")
     ex.add_argument("--mean", type=float, nargs="+", help="per-channel mean to subtract")
     ex.add_argument("--std", type=float, nargs="+", help="per-channel standard deviation to divide by")
+    ex.add_argument("--pixels", choices=PIXEL_CHOICES,
+                    help="pixel convention, as Keras' preprocess_input modes: caffe (BGR, 0..255 minus the ImageNet "
+                         "mean: Keras' VGG and ResNet), tf ([-1, 1]), torch ([0, 1], ImageNet mean and std), raw "
+                         "(0..255); default: by the model (see below)")
     ex.add_argument("--grayscale", action="store_true", help="read images as one channel")
     ex.add_argument("--invert", action="store_true", help="invert images (white on black <-> black on white)")
     ex.add_argument("--batch-size", type=int, default=16)
     ex.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     ex.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray, wred")
     ex.add_argument("--out", default="lrp-out", help="output folder (default: lrp-out)")
+    st = ex.add_argument_group("dataset runs (--store zarr; see docs/scale.md)")
+    st.add_argument("--store", choices=["files", "zarr"], default="files",
+                    help="files: a .npy and pictures per input (default); zarr: every input's relevance as a row of "
+                         "one chunked, compressed Zarr array (OUT/explanations.zarr/relevance), with OUT/index.csv "
+                         "(row, path, status, target, prediction, score) and OUT/errors.csv; inputs are read by "
+                         "DataLoader workers; under torchrun the ranks share the rows")
+    st.add_argument("--list", action="append", default=[], metavar="FILE",
+                    help="--store zarr: a text file of input paths, one a line (relative to its folder); repeatable")
+    st.add_argument("--png", action="store_true", help="--store zarr: also write OUT/png/<row>_heatmap.png (and "
+                                                      "_overlay.png)")
+    st.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                    help="--store zarr: the relevance's type in the store (default float32)")
+    st.add_argument("--resume", action="store_true",
+                    help="--store zarr: finish the store in --out, skipping the chunks that are done; refused when "
+                         "the options differ from those it was made with")
+    st.add_argument("--workers", type=int, metavar="N",
+                    help="--store zarr: DataLoader worker processes per rank (default: the rank's cores less one, "
+                         "1 to 8; 0 reads in the main process)")
+    st.add_argument("--chunk", type=int, metavar="ROWS",
+                    help="--store zarr: rows per chunk, a multiple of --batch-size (default: about 8 MB of "
+                         "relevance, at most 4096 rows); the unit of writing and of --resume")
     ex.set_defaults(func=_explain)
 
     ev = sub.add_parser("evaluate", help="score LRP composites and baseline methods (pixel flipping, randomisation "
                                          "check, complexity); writes a report",
                         description="Explain the inputs with each method, remove features in the order of their "
                                     "relevance and track the score; randomise the model's layers and compare "
-                                    "heatmaps. Writes report.md, results.csv and plots into --out.")
+                                    "heatmaps. Writes report.md, results.csv and plots into --out. "
+                                    "--benchmark shapes-vqa instead scores where each method puts the relevance "
+                                    "of the built-in VQA model's answers against the questions' ground-truth "
+                                    "masks (relevance mass and rank accuracy, pointing game).")
     ev.add_argument("inputs", nargs="*", help="images, folders or .npy arrays (default for --model mnist: "
                                               "held-out digits)")
-    ev.add_argument("--model", default="mnist", help="as for lrp explain (default: mnist, the built-in model)")
+    ev.add_argument("--model", help="as for lrp explain (default: mnist, the built-in model)")
+    ev.add_argument("--benchmark", choices=BENCHMARKS,
+                    help="a known-answer benchmark with its own model and data: shapes-vqa, the built-in VQA model "
+                         "on the 1,000 held-out Shapes VQA questions, localisation of each method's relevance in "
+                         "the ground-truth masks of the objects the question refers to, by question type (takes "
+                         "--methods, --limit, --batch-size, --out)")
     ev.add_argument("--masks", help="folder of ground-truth masks named like the inputs (images: brighter than "
                                     "half = inside; arrays: nonzero = inside; resized and cropped as the inputs); "
                                     "adds pointing game, relevance mass and rank accuracy")
     ev.add_argument("--weights", help="a state dict for the model")
     ev.add_argument("--methods", nargs="+",
                     help=f"composites and baselines to compare (default: {' '.join(EVALUATE_COMPOSITES)} "
-                         f"{' '.join(baselines.METHODS)}; --model spam: {' '.join(_text_methods())})")
+                         f"{' '.join(baselines.METHODS)}, also for --benchmark; --model spam: "
+                         f"{' '.join(_text_methods())})")
     ev.add_argument("--randomise", nargs="*",
                     help=f"methods to put through the randomisation check (default: {' '.join(RANDOMISE)}; none "
                          f"to skip; images and arrays)")
     ev.add_argument("--randomisation-samples", type=int, default=16, help="inputs for the randomisation check")
     ev.add_argument("--limit", type=int, help="evaluate on at most this many inputs (default 300; --model spam: "
-                                              "200 held-out mails, spread over ham and spam)")
+                                              "200 held-out mails, spread over ham and spam; --benchmark "
+                                              "shapes-vqa: the first 1,000 held-out questions)")
     ev.add_argument("--steps", type=int, help="perturbation steps (default 50; --model spam: 10)")
     ev.add_argument("--patch", type=int, default=1, help="region size in pixels (default 1: pixel flipping)")
     ev.add_argument("--replace", nargs="+", choices=[*IMAGE_REMOVALS, *TEXT_REMOVALS],
@@ -591,12 +710,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score tracked while removing: the explained logit (default) or its softmax probability")
     for flag, kwargs in (("--size", dict(type=int)), ("--crop", dict(type=int)),
                          ("--mean", dict(type=float, nargs="+")), ("--std", dict(type=float, nargs="+")),
-                         ("--grayscale", dict(action="store_true")), ("--invert", dict(action="store_true")),
-                         ("--low", dict(type=float)), ("--high", dict(type=float))):
+                         ("--pixels", dict(choices=PIXEL_CHOICES)), ("--grayscale", dict(action="store_true")),
+                         ("--invert", dict(action="store_true")), ("--low", dict(type=float)),
+                         ("--high", dict(type=float))):
         ev.add_argument(flag, help="as for lrp explain", **kwargs)
     ev.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
     ev.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default 256; --model spam: "
-                                                   "mails explained together, 32)")
+                                                   "mails explained together, 32; --benchmark: questions, 50)")
     ev.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     ev.add_argument("--out", default="lrp-eval", help="output folder (default: lrp-eval)")
     ev.set_defaults(func=_evaluate)
@@ -631,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     vd.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
     for flag, kwargs in (("--size", dict(type=int)), ("--crop", dict(type=int)),
                          ("--mean", dict(type=float, nargs="+")), ("--std", dict(type=float, nargs="+")),
-                         ("--grayscale", dict(action="store_true")), ("--invert", dict(action="store_true"))):
+                         ("--pixels", dict(choices=PIXEL_CHOICES)), ("--grayscale", dict(action="store_true")),
+                         ("--invert", dict(action="store_true"))):
         vd.add_argument(flag, help="as for lrp explain (applied to each frame)", **kwargs)
     vd.add_argument("--every", type=int, default=1, metavar="N",
                     help="explain every Nth frame; the frames in between show its heatmap (default: 1, all)")

@@ -14,7 +14,7 @@ from .service import ServedModel
 from .text_service import DEFAULT_MODELS, ServedText
 from .vqa_service import Served, ServedVQA, is_vqa_spec
 
-PREPROCESSING = ("size", "crop", "mean", "std", "grayscale", "invert")
+PREPROCESSING = ("size", "crop", "mean", "std", "pixels", "grayscale", "invert")
 # models with fewer parameters run on one torch thread by default: they are no faster on more, and threads that
 # wait for each other make them many times slower when other processes keep the cores busy (seen: 1.5 ms on one
 # thread, 144 ms on two, for the MNIST model while another job used both cores)

@@ -1,0 +1,8 @@
+"""``python -m lrp`` (and ``torchrun -m lrp``): the ``lrp`` command line."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
