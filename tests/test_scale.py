@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,81 @@ def test_arrays_float16_and_pngs(digits, tmp_path, capsys, monkeypatch):
     assert [r["path"] for r in index(tmp_path / "out")][:2] == ["batch.npy[0]", "batch.npy[1]"]
     assert sorted(p.name for p in (tmp_path / "out" / "png").iterdir())[:2] == ["00000000_heatmap.png",
                                                                                 "00000001_heatmap.png"]
+
+
+def errors_csv(out: Path) -> dict[int, str]:
+    with open(out / "errors.csv", newline="") as f:
+        return {int(e["row"]): e["error"] for e in csv.DictReader(f)}
+
+
+def test_chunk_of_failed_rows_only(digits, tmp_path, capsys, monkeypatch):
+    """A chunk whose every row fails is all NaN, Zarr's fill value: it is written all the same, and marked done."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(30):
+        data = b"broken" if 10 <= i < 20 else (digits["folder"] / f"{i:05d}.png").read_bytes()
+        (folder / f"{i:05d}.png").write_bytes(data)
+    common = [str(folder), "--store", "zarr", "--out", "out", "--batch-size", "10", "--chunk", "10", "--workers", "0"]
+    here = dict(cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    status, out, err = run_here(*common, **here)
+    assert status == 1 and "explained 20 of 30 inputs" in out and "10 failed (see errors.csv)" in out, err
+    errors = errors_csv(tmp_path / "out")
+    assert sorted(errors) == list(range(10, 20)) and all("not a readable image" in e for e in errors.values())
+    got = relevance(tmp_path / "out")
+    assert np.isnan(got[10:20]).all() and not np.isnan(got[:10]).any() and not np.isnan(got[20:]).any()
+    assert (tmp_path / "out" / "explanations.zarr" / "relevance" / "c" / "1" / "0" / "0" / "0").is_file()
+    assert [r["status"] for r in index(tmp_path / "out")] == ["ok"] * 10 + ["failed"] * 10 + ["ok"] * 10
+    status, out, err = run_here(*common, "--resume", **here)  # nothing left to do
+    assert status == 1 and "0 chunks written, 3 were done already" in out, err
+    assert errors_csv(tmp_path / "out") == errors
+
+
+def test_overflowing_relevance_fails_its_row(digits, tmp_path, capsys, monkeypatch):
+    """Relevance that is not finite, or that float16 cannot hold, fails the row instead of being stored."""
+    x = digits["x"][:6].numpy().copy()
+    x[2] *= 3e38  # finite inputs on which the model overflows
+    x[3] *= 1e8  # relevance of about 1e6, beyond float16's 65504
+    np.save(tmp_path / "x.npy", x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, out, err = run_here("x.npy", "--store", "zarr", "--out", "out", "--dtype", "float16", "--workers",
+                                    "0", cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    assert status == 1 and "explained 4 of 6 inputs" in out, err
+    assert errors_csv(tmp_path / "out") == {2: "relevance not finite (the model overflowed)",
+                                            3: "relevance exceeds float16's range (65504): use --dtype float32"}
+    table = index(tmp_path / "out")
+    assert [r["status"] for r in table] == ["ok", "ok", "failed", "failed", "ok", "ok"]
+    assert table[2]["score"] == "" and all(np.isfinite(float(table[i]["score"])) for i in (0, 1, 4, 5))
+    got = relevance(tmp_path / "out")
+    assert np.isnan(got[2:4]).all() and np.isfinite(got[[0, 1, 4, 5]]).all()
+
+
+def test_unusable_array_files_are_rows_in_errors(digits, tmp_path, capsys, monkeypatch):
+    """An array file of a shape the model does not read, or not readable, is one failed row; a sample with NaN in
+    an .npz fails alone, with that reason."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i:05d}.png").write_bytes((digits["folder"] / f"{i:05d}.png").read_bytes())
+    np.save(folder / "wrong.npy", np.zeros((5, 3, 32, 32), np.float32))
+    (folder / "broken.npy").write_bytes(b"not numpy")
+    x = digits["x"][:4].numpy().copy()
+    x[3, 0, 5, 5] = np.nan
+    np.savez(folder / "nan_one.npz", x=x)
+    here = dict(cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    status, out, err = run_here(str(folder), "--store", "zarr", "--out", "out", "--workers", "0", **here)
+    assert status == 1 and "explained 5 of 8 inputs" in out, err
+    paths = [Path(r["path"]).name for r in index(tmp_path / "out")]
+    assert paths == ["00000.png", "00001.png", "broken.npy", "nan_one.npz[0]", "nan_one.npz[1]", "nan_one.npz[2]",
+                     "nan_one.npz[3]", "wrong.npy"]
+    errors = errors_csv(tmp_path / "out")
+    assert sorted(errors) == [2, 6, 7]
+    assert "broken.npy: not a readable NumPy file" in errors[2]
+    assert errors[6].endswith("nan_one.npz[3]: the sample holds values that are not finite (NaN or infinity)")
+    assert "wrong.npy: an array of shape (5, 3, 32, 32) does not fit model 'mnist'" in errors[7]
+    got = relevance(tmp_path / "out")
+    np.testing.assert_allclose(got[3:6], digits["relevance"][:3], rtol=1e-4, atol=1e-5)
+    (tmp_path / "afile").write_text("")
+    status, _, err = run_here("in/00000.png", "--store", "zarr", "--out", "afile/out", **here)
+    assert status == 2 and "--out afile/out: afile is a file; give a folder" in err

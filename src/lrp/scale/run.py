@@ -92,6 +92,10 @@ def default_chunk(batch: int, shape: tuple[int, ...], rows: int, world: int) -> 
 def explain_to_store(pipeline: Any, options: StoreOptions) -> int:
     """Run ``lrp explain --store zarr`` in this process (one rank of a torchrun job, or the only one): 0 when
     every input was explained, 1 when some failed (listed in ``errors.csv``)."""
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        raise StoreError("--store zarr needs the zarr package: pip install 'lrp[scale]'") from None
     ranks = start(pipeline.device)
     try:
         if ranks.main:
@@ -132,6 +136,9 @@ def _manifest(pipeline: Any, options: StoreOptions, items: Items) -> dict:
 def _plan(pipeline: Any, options: StoreOptions, world: int) -> Plan:
     """Rank 0: list the inputs, create the store or check it for ``resume``, and find the chunks left."""
     store, notes = Store(Path(options.out)), []
+    blocker = next((p for p in (store.out, *store.out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise StoreError(f"--out {options.out}: {blocker} is a file; give a folder")
     files = expand(options.inputs, options.lists)
     if not files:
         raise InputError("no input files found (images such as .png and .jpg, .npy/.npz arrays, .tar shards)")
@@ -164,7 +171,10 @@ def _plan(pipeline: Any, options: StoreOptions, world: int) -> Plan:
         shape = _first_shape(pipeline, items)
         manifest["shape"] = list(shape)
         manifest["chunk"] = options.chunk or default_chunk(options.batch_size, shape, len(items), world)
-        store.create(manifest)
+        try:
+            store.create(manifest)
+        except OSError as exc:
+            raise StoreError(f"--out {options.out}: cannot write the store ({one_line(exc)})") from None
         done = set()
     chunks = -(-len(items) // manifest["chunk"])
     todo = [k for k in range(chunks) if k not in done]
@@ -238,9 +248,34 @@ def _explain_group(pipeline: Any, group: list[int], x: torch.Tensor, target: Opt
     targets = res.target.tolist() if res.target is not None else [0] * n
     predicted = res.predicted.tolist() if res.predicted is not None else [None] * n
     scores = res.start.detach().reshape(n, -1).sum(1).cpu().tolist()
+    failed = _unstorable(relevance.numpy(), scores, writer.dtype)
+    if failed:  # these rows fail (NaN in the store, listed in errors.csv), the others are written
+        batch.errors += [(group[i], message) for i, message in failed.items()]
+        keep = [i for i in range(n) if i not in failed]
+        if not keep:
+            return
+        group, x, relevance = [group[i] for i in keep], x[keep], relevance[keep]
+        targets, predicted, scores = ([v[i] for i in keep] for v in (targets, predicted, scores))
     writer.put(group, relevance.numpy(), list(zip(group, targets, predicted, scores)))
     if options.png:
         _pictures(pipeline, group, x, relevance, targets, predicted, scores, batch, options)
+
+
+def _unstorable(relevance: np.ndarray, scores: list, dtype: np.dtype) -> dict[int, str]:
+    """The rows (by position) whose relevance or score is not finite, or whose relevance ``dtype`` (float16)
+    cannot hold, and why."""
+    flat = relevance.reshape(len(relevance), -1)
+    finite = np.isfinite(flat).all(1)
+    found = {}
+    for i in np.flatnonzero(~finite | ~np.isfinite(scores)):
+        found[int(i)] = f"{'relevance' if not finite[i] else 'the score'} not finite (the model overflowed)"
+    top = float(np.finfo(dtype).max)
+    if top < float(np.finfo(flat.dtype).max) and flat.size:  # a narrower store (float16) would hold infinity
+        peak = np.abs(np.where(finite[:, None], flat, 0)).max(1)
+        hint = ": use --dtype float32" if dtype == np.float16 else ""
+        for i in np.flatnonzero(peak > top):
+            found.setdefault(int(i), f"relevance exceeds {dtype}'s range ({top:g}){hint}")
+    return dict(sorted(found.items()))
 
 
 def _pictures(pipeline: Any, group: list[int], x: torch.Tensor, relevance: torch.Tensor, targets: list,

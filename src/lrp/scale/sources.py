@@ -7,7 +7,8 @@ read in any process, which sharding by chunk and resuming need. The sample conve
 member's key is its path up to the first dot of its file name, and a sample's image is the member whose
 extension (everything after that dot) is an image suffix such as ``png`` or ``jpg``.
 
-Workers never raise: an input that cannot be read becomes an error :class:`Record`.
+Workers never raise: an input that cannot be read becomes an error :class:`Record`. So does an array file that
+cannot be read or whose shape the model does not read: listing makes it one row, which fails with the reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -24,11 +27,12 @@ import torch
 from PIL import Image
 
 from ..errors import InputError, one_line
-from ..pipeline.inputs import ARRAY_SUFFIXES, IMAGE_SUFFIXES, Preprocess, read_array
+from ..pipeline.inputs import ARRAY_SUFFIXES, IMAGE_SUFFIXES, Preprocess
 
 SHARD_SUFFIXES = frozenset({".tar"})
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 IMAGE_EXTENSIONS = frozenset(s[1:] for s in IMAGE_SUFFIXES)
+MAX_OPEN = 8  # shards and arrays a worker keeps open (the least recently read is closed first)
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Items:
     files: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # per file: "image", "array" or "tar"
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)  # array file -> shape as (samples, *sample)
+    broken: dict[int, str] = field(default_factory=dict)  # array file -> why it cannot be read (its one row fails)
     file_of: list[int] = field(default_factory=list)
     part: list[int] = field(default_factory=list)
     size: list[int] = field(default_factory=list)
@@ -103,12 +108,12 @@ def list_items(files: Sequence[Path], fit: Any) -> Items:
         elif kind == "tar":
             _list_shard(items, index, path)
         else:
-            shape = _array_shape(path)
-            if shape is None:  # unreadable: one row that fails with the reason
-                items.kinds[index] = "image"
+            try:
+                fitted = tuple(fit(torch.zeros(()).expand(*_array_shape(path)), name).shape)
+            except InputError as exc:  # unreadable, or a shape the model does not read: one row that fails
+                items.broken[index] = one_line(exc)
                 items.add(index, 0, -1, name)
                 continue
-            fitted = tuple(fit(torch.zeros(()).expand(*shape), name).shape)
             items.shapes[index] = fitted
             many = fitted[0] > 1
             for j in range(fitted[0]):
@@ -116,14 +121,48 @@ def list_items(files: Sequence[Path], fit: Any) -> Items:
     return items
 
 
-def _array_shape(path: Path) -> Optional[tuple[int, ...]]:
-    """An array file's shape, from the header of a ``.npy`` (memory-mapped) or by reading a ``.npz``."""
+def _npz_key(path: Path, keys: Sequence[str]) -> str:
+    """The input array of a ``.npz``: its only one, or the one named ``x``."""
+    if "x" in keys or len(keys) == 1:
+        return "x" if "x" in keys else keys[0]
+    raise InputError(f"{path}: holds arrays {list(keys)}; name the input array 'x'")
+
+
+def _header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype in the header of the ``.npy`` data that file object ``f`` is at the start of."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:  # 3.0 differs from 2.0 only in allowing non-ASCII field names, so in structured arrays (refused)
+        raise ValueError(f".npy format {version[0]}.{version[1]} holds a structured array")
+    return tuple(shape), dtype
+
+
+def _array_shape(path: Path) -> tuple[int, ...]:
+    """An array file's shape, from the header of its array (the only or the ``x`` array of a ``.npz``); no
+    sample is read, so none is checked here (each row is, when it is read)."""
     try:
         if path.suffix.lower() == ".npy":
-            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-        return tuple(read_array(path).shape)
-    except Exception:
-        return None
+            with open(path, "rb") as f:
+                shape, dtype = _header(f)
+        else:
+            with zipfile.ZipFile(path) as z:
+                names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+                with z.open(_npz_key(path, names) + ".npy") as f:
+                    shape, dtype = _header(f)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable NumPy file ({one_line(exc)})") from None
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"{path}: array of {dtype} is not real numbers")
+    if not all(shape):
+        raise InputError(f"{path}: the array is empty")
+    return shape
 
 
 def _list_shard(items: Items, index: int, path: Path) -> None:
@@ -165,7 +204,7 @@ class RowDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: Items, pre: Preprocess, pictures: bool = False) -> None:
         self.items, self.pre, self.pictures = items, pre, pictures
-        self._open: dict[int, Any] = {}  # per process: open shards and arrays
+        self._open: OrderedDict[int, Any] = OrderedDict()  # per process: open shards and arrays, oldest first
 
     def __len__(self) -> int:
         return len(self.items)
@@ -173,6 +212,8 @@ class RowDataset(torch.utils.data.Dataset):
     def __getitem__(self, row: int) -> Record:
         kind = self.items.kind(row)
         try:
+            if kind == "array" and self.items.file_of[row] in self.items.broken:
+                raise InputError(self.items.broken[self.items.file_of[row]])
             if kind == "array":
                 return Record(row, self._sample(row), "array")
             if kind == "tar":
@@ -187,11 +228,28 @@ class RowDataset(torch.utils.data.Dataset):
             return Record(row, None, "array" if kind == "array" else "image",
                           message if path in message else f"{path}: {message}")
 
+    def _opened(self, file: int) -> Any:
+        """File ``file``'s open shard or array, if it is open (it becomes the most recently read)."""
+        handle = self._open.get(file)
+        if handle is not None:
+            self._open.move_to_end(file)
+        return handle
+
+    def _keep(self, file: int, handle: Any) -> Any:
+        """Keep ``handle`` open for file ``file``, closing the least recently read beyond :data:`MAX_OPEN` (a
+        memory-mapped array closes its file when dropped)."""
+        self._open[file] = handle
+        while len(self._open) > MAX_OPEN:
+            _, old = self._open.popitem(last=False)
+            if hasattr(old, "close"):
+                old.close()
+        return handle
+
     def _member(self, row: int) -> Image.Image:
         file = self.items.file_of[row]
-        handle = self._open.get(file)
+        handle = self._opened(file)
         if handle is None:
-            handle = self._open[file] = open(self.items.files[file], "rb")
+            handle = self._keep(file, open(self.items.files[file], "rb"))
         handle.seek(self.items.part[row])
         data = handle.read(self.items.size[row])
         try:
@@ -203,22 +261,25 @@ class RowDataset(torch.utils.data.Dataset):
 
     def _sample(self, row: int) -> torch.Tensor:
         file = self.items.file_of[row]
-        values = self._open.get(file)
+        values = self._opened(file)
         if values is None:
             path = Path(self.items.files[file])
-            raw = np.load(path, mmap_mode="r", allow_pickle=False) if path.suffix.lower() == ".npy" \
-                else read_array(path)
+            if path.suffix.lower() == ".npy":
+                raw = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:
+                with np.load(path, allow_pickle=False) as npz:
+                    raw = npz[_npz_key(path, list(npz.keys()))]
             if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_) or \
                     np.issubdtype(raw.dtype, np.complexfloating):
                 raise InputError(f"array of {raw.dtype} is not real numbers")
-            values = self._open[file] = raw.reshape(self.items.shapes[file])
+            values = self._keep(file, raw.reshape(self.items.shapes[file]))
         sample = np.array(values[self.items.part[row]], dtype=np.float32)
         if not np.isfinite(sample).all():
             raise InputError("the sample holds values that are not finite (NaN or infinity)")
         return torch.from_numpy(sample)
 
     def __getstate__(self) -> dict:  # open files stay in their process
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": OrderedDict()}
 
 
 @dataclass

@@ -34,7 +34,7 @@ ERROR_FIELDS = ("row", "path", "error")
 CHECKED = {"model": "--model", "model_sha256": "the model file's contents", "weights_sha256": "--weights",
            "classes": "--classes", "composite": "--composite", "maxpool": "--maxpool", "low": "--low",
            "high": "--high", "target": "--target", "dtype": "--dtype",
-           "preprocessing": "the preprocessing (--size, --crop, --mean, --std, --grayscale, --invert)",
+           "preprocessing": "the preprocessing (--size, --crop, --mean, --std, --grayscale, --invert, --pixels)",
            "inputs": "the inputs (their paths and order)", "rows": "the number of inputs", "chunk": "--chunk"}
 
 
