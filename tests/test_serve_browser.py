@@ -6,29 +6,18 @@ dir, and into $LRP_SCREENSHOTS when set). Skipped when Chromium or Playwright is
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = os.environ.get("LRP_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from browser_support import TIMEOUT_MS, chromium, open_page, playwright, screenshot  # noqa: E402
 
-pytest.importorskip("fastapi", reason="the web extra is not installed: pip install 'lrp[web]'")
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed: pip install playwright "
-                                      "(the browser is Debian's: apt-get install chromium)")
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (Debian), or set LRP_CHROMIUM to a "
-                f"Chromium binary", allow_module_level=True)
+playwright()  # skips the module, naming what is missing
 
 import lrp  # noqa: E402
 from lrp.web.app import create_app  # noqa: E402
 from serve_fixtures import digit_png, live_server  # noqa: E402
 
-TIMEOUT_MS = 20_000
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +28,13 @@ def server():
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
-        yield browser
-        browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server + "/")
-    page.wait_for_selector("body[data-ready=true]")
+    context, page, errors = open_page(browser, server + "/", viewport=(1280, 860), accept_downloads=True)
     yield page
     context.close()
     assert not errors, errors  # no JavaScript errors on the page
@@ -63,12 +44,7 @@ def page(browser, server):
 def shoot(tmp_path):
     """Save a screenshot under tmp_path and, with LRP_SCREENSHOTS=dir, there too."""
     def save(page, name: str) -> Path:
-        path = tmp_path / f"{name}.png"
-        page.screenshot(path=str(path), full_page=True)
-        extra = os.environ.get("LRP_SCREENSHOTS")
-        if extra:
-            Path(extra).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, Path(extra) / path.name)
+        path = screenshot(page, tmp_path, name)
         assert path.stat().st_size > 10_000
         return path
     return save
@@ -193,6 +169,6 @@ def test_api_docs_render_without_internet(page, server, shoot):
     # Swagger UI resolves the request body after the block opens and renders its content types a moment later:
     # wait for them (expect retries until the timeout) instead of reading whatever is there at once
     options = page.locator(".opblock-post .body-param-content-type select option")
-    sync_api.expect(options).to_have_count(2, timeout=TIMEOUT_MS)
+    playwright().expect(options).to_have_count(2, timeout=TIMEOUT_MS)
     assert set(options.all_inner_texts()) == {"multipart/form-data", "application/json"}
     shoot(page, "5-api-docs")

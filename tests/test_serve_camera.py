@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -33,10 +31,10 @@ import lrp  # noqa: E402
 from lrp.web import camera  # noqa: E402
 from lrp.web.app import create_app  # noqa: E402
 from lrp.web.service import ServedModel  # noqa: E402
+import browser_support  # noqa: E402
+from browser_support import chromium  # noqa: E402
 from serve_fixtures import CAMERA_ENTERED, CAMERA_GATE, live_server, paper_digit, png_bytes  # noqa: E402
 
-CHROMIUM = os.environ.get("LRP_CHROMIUM", "/usr/bin/chromium")
-TIMEOUT_MS = 20_000
 
 
 @pytest.fixture(scope="module")
@@ -331,40 +329,17 @@ def server(browser_app):
 
 @pytest.fixture(scope="module")
 def browser(clip):
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="Playwright for Python is not installed: pip install playwright (the "
-                                          "browser is Debian's: apt-get install chromium)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (Debian), or set LRP_CHROMIUM")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={clip}"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, timeout=60_000)
-        yield browser
-        browser.close()
+    with chromium(["--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={clip}"]) as launched:
+        yield launched
 
 
 def open_page(browser, server, **context):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, **context)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server + "/#camera")
-    page.wait_for_selector("body[data-ready=true]")
+    context, page, errors = browser_support.open_page(browser, server + "/#camera", **context)
     assert page.is_visible("#camera") and page.get_attribute("#tab-camera", "aria-selected") == "true"
     return context, page, errors
 
 
-def shoot(page, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    extra = os.environ.get("LRP_SCREENSHOTS")
-    if extra:
-        Path(extra).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(extra) / path.name)
-    return path
+shoot = browser_support.screenshot
 
 
 def wait_for(condition, seconds: float = 10.0) -> bool:

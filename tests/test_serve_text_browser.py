@@ -7,30 +7,19 @@ $LRP_SCREENSHOTS when set). Skipped when Chromium or Playwright is missing.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = os.environ.get("LRP_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from browser_support import chromium, open_page, playwright, screenshot  # noqa: E402
 
-pytest.importorskip("fastapi", reason="the web extra is not installed: pip install 'lrp[web]'")
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed: pip install playwright "
-                                      "(the browser is Debian's: apt-get install chromium)")
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (Debian), or set LRP_CHROMIUM to a "
-                f"Chromium binary", allow_module_level=True)
+playwright()  # skips the module, naming what is missing
 
 from lrp.pipeline.text import TextPipeline  # noqa: E402
 from lrp.spam import spam_examples  # noqa: E402
 from lrp.web.app import create_app  # noqa: E402
 from serve_fixtures import HOLD, TEXT_DONE, TEXT_ENTERED, TEXT_GATE, held_spam, live_server  # noqa: E402
 
-TIMEOUT_MS = 20_000
 SPAMMY = "Congratulations! You have WON a FREE prize: click here http://win.example.com to claim it now!!!"
 HAMMY = "Hi Tom, the meeting about the apt repository moved to Thursday.\n\nCan you review   the patch first?"
 
@@ -49,21 +38,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
-        yield browser
-        browser.close()
-
-
-def open_page(browser, url: str):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    page.wait_for_selector("body[data-ready=true]")
-    return context, page, errors
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
@@ -78,12 +54,7 @@ def page(browser, server):
 def shoot(tmp_path):
     """Save a screenshot under tmp_path and, with LRP_SCREENSHOTS=dir, there too."""
     def save(page, name: str) -> Path:
-        path = tmp_path / f"{name}.png"
-        page.screenshot(path=str(path), full_page=True)
-        extra = os.environ.get("LRP_SCREENSHOTS")
-        if extra:
-            Path(extra).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, Path(extra) / path.name)
+        path = screenshot(page, tmp_path, name)
         assert path.stat().st_size > 10_000
         return path
     return save
