@@ -548,8 +548,13 @@ def _preprocessing_help() -> str:
                          "[-1, 1]; torch for DenseNet; 0..255 where the model rescales itself; else [0, 1]), at the "
                          "model's input size, channels last")
             continue
+        if kind == "onnx":
+            lines.append("  .onnx files: RGB, pixels in [0, 1], resized and cropped to the input size the file "
+                         "declares (a channels-last input, as from TensorFlow, is handled)")
+            continue
         lines.append(f"  {names[kind]}: {pre.describe()}")
-    lines += ["--size/--crop/--mean/--std override these (--size 0 / --crop 0: no resizing / cropping; a model "
+    lines += ["--pixels caffe|tf|torch|raw picks one of Keras' conventions for any model; --size/--crop/--mean/--std "
+              "override these (--size 0 / --crop 0: no resizing / cropping; a model "
               "trained at another size says so with them).",
               "arrays (.npy/.npz) are read as given: one sample shaped as the model reads it (a one-channel model's "
               "channel may be left out) or a batch with the samples first."]
