@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is large: install it once into the venv; this pair is the one the project is tested with
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup lxt-overlay browser lint test demo bench coverage clean
+.PHONY: setup lxt-overlay browser lint test test-gpu demo bench coverage clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ lint: setup
 
 test: setup lxt-overlay browser lint
 	LRP_LXT_OVERLAY=$(abspath $(LXT_OVERLAY)) $(PY) -m pytest
+
+# the device lane (tests/device_lane.py): the tests that run models (those taking the `device` fixture, marked
+# `device`) on LRP_TEST_DEVICE, here CUDA; without a GPU each skips with the reason. TEST_DEVICE=cuda:1 picks another.
+TEST_DEVICE ?= cuda
+test-gpu: setup lxt-overlay
+	LRP_TEST_DEVICE=$(TEST_DEVICE) LRP_LXT_OVERLAY=$(abspath $(LXT_OVERLAY)) $(PY) -m pytest -m device -rs
 
 demo: setup
 	$(VENV)/bin/lrp demo

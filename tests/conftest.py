@@ -1,7 +1,49 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.manual_seed(0)
+
+from device_lane import DEVICE_ENV, lane_spec, lane_summary, skip_reason  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"device: runs models on the device that {DEVICE_ENV} names (default: cpu); given to every test "
+                   f"that takes the `device` fixture. `make test-gpu` runs these alone on cuda.")
+    spec = lane_spec()
+    try:
+        torch.device(spec)
+    except RuntimeError:
+        raise pytest.UsageError(f"{DEVICE_ENV}={spec!r} is not a device torch knows: use cpu, cuda or cuda:N") \
+            from None
+
+
+def pytest_report_header(config):
+    return lane_summary()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``device`` the tests that take the ``device`` fixture (those that parametrise an argument of that name
+    themselves, as tests/test_mixed_precision.py does, are not in the lane: they pick their own devices)."""
+    for item in items:
+        if "device" not in getattr(item, "fixturenames", ()):
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "device" in callspec.params:
+            continue
+        item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the model-running tests use: ``LRP_TEST_DEVICE`` (default ``cpu``). A device this machine does not
+    have skips the test with the reason, so that a lane that cannot run says so instead of passing."""
+    spec = lane_spec()
+    reason = skip_reason(spec)
+    if reason:
+        pytest.skip(reason)
+    return torch.device(spec)

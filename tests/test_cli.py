@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import lrp
+from device_lane import assert_matches_cpu, scalar_rel
 
 
 def run(*args, cwd):
@@ -33,9 +34,10 @@ def test_builtin_model_accuracy_from_shipped_checkpoint():
     assert lrp.models.accuracy(lrp.models.mnist()) >= 0.98
 
 
-def test_explain_folder_with_builtin_model(digits, tmp_path):
+def test_explain_folder_with_builtin_model(digits, tmp_path, device):
     (digits / "broken.png").write_text("not an image")
-    result = run("explain", str(digits), "--model", "mnist", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    result = run("explain", str(digits), "--model", "mnist", "--device", str(device), "--out", str(tmp_path / "out"),
+                 cwd=tmp_path)
     assert result.returncode == 1, result.stderr  # one broken file: reported, the rest explained
     assert "broken.png: not a readable image" in result.stderr
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
@@ -52,12 +54,14 @@ def test_explain_folder_with_builtin_model(digits, tmp_path):
         relevance = np.load(tmp_path / "out" / f"{r['outputs']}_relevance.npy")
         path = next(digits.rglob(r["outputs"] + ".png"))
         x = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255.0)[None, None]
-        expected = lrp.explain(model, x).relevance[0].numpy()
-        np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-7)
+        expected = lrp.explain(model, x).relevance[0].numpy()  # on the CPU
+        assert_matches_cpu(relevance, expected, device, rtol=1e-5, atol=1e-7, what=r["file"])
         assert int(r["predicted"]) == int(r["explained"]) == int(model(x).argmax())
-        assert abs(float(r["relevance_sum"]) - expected.sum()) < 1e-3 * max(1.0, abs(expected.sum()))
+        total = expected.sum()
+        assert abs(float(r["relevance_sum"]) - total) < scalar_rel(device, 1e-3) * max(1.0, abs(total))
         logit = float(model(x).detach()[0].max())
-        assert abs(float(r["score"]) - logit) < 1e-4 * max(1.0, abs(logit))  # the explained score: the logit
+        # the explained score: the logit
+        assert abs(float(r["score"]) - logit) < scalar_rel(device, 1e-4) * max(1.0, abs(logit))
     (digits / "broken.png").unlink()
 
 

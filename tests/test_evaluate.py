@@ -29,15 +29,16 @@ def contributions(model, x, target):
 # --------------------------------------------------------------------------- perturbation curves
 
 @pytest.mark.parametrize("order", ["morf", "lerf"])
-def test_pixel_flipping_on_a_linear_model_has_its_closed_form(order):
-    model = linear_model(features=8)
-    x = torch.randn(5, 8, dtype=torch.float64)
+def test_pixel_flipping_on_a_linear_model_has_its_closed_form(order, device):
+    model = linear_model(features=8).to(device)
+    x = torch.randn(5, 8, dtype=torch.float64).to(device)
     target = 1
     relevance = lrp.explain(model, x, target, "lrp0").relevance
     contrib = contributions(model, x, target)
     assert torch.allclose(relevance, contrib)  # the exact relevance of a bias-free linear model: w * x
 
     curve = evaluate.perturbation_curve(model, x, relevance, target, order=order, steps=8)
+    contrib = contrib.cpu()
     ordered = contrib.sort(dim=1, descending=(order == "morf")).values
     removed = torch.cat([torch.zeros(5, 1, dtype=torch.float64), ordered.cumsum(1)], 1)
     expected = contrib.sum(1, keepdim=True) - removed  # f after removing the first k contributions
@@ -45,7 +46,8 @@ def test_pixel_flipping_on_a_linear_model_has_its_closed_form(order):
     np.testing.assert_allclose(curve.fractions, np.arange(9) / 8)
     np.testing.assert_allclose(curve.aopc, removed.mean(1).numpy(), atol=1e-12)
     np.testing.assert_allclose(curve.auc, np.trapezoid(expected.numpy(), np.arange(9) / 8, axis=1), atol=1e-12)
-    # MoRF by the exact relevance is the steepest order there is: no random order beats its AOPC (LeRF: the flattest)
+    # MoRF by the exact relevance is the steepest order there is: no random order beats its AOPC (LeRF: the flattest);
+    # the random relevance stays on the CPU whatever the device of the model
     for seed in range(5):
         shuffled = evaluate.perturbation_curve(model, x, torch.rand(5, 8, generator=torch.Generator().manual_seed(seed),
                                                                     dtype=torch.float64), target, steps=8)
@@ -55,10 +57,10 @@ def test_pixel_flipping_on_a_linear_model_has_its_closed_form(order):
             assert (curve.aopc <= shuffled.aopc + 1e-12).all()
 
 
-def test_region_perturbation_removes_whole_patches_in_order_of_their_summed_relevance():
-    model = image_linear_model(size=4)
-    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
-    contrib = contributions(model, x, 0).reshape(3, 2, 2, 2, 2).sum((2, 4))  # (N, 2, 2) patch sums
+def test_region_perturbation_removes_whole_patches_in_order_of_their_summed_relevance(device):
+    model = image_linear_model(size=4).to(device)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64).to(device)
+    contrib = contributions(model, x, 0).reshape(3, 2, 2, 2, 2).sum((2, 4)).cpu()  # (N, 2, 2) patch sums
     regions = contrib.reshape(3, 4)
     curve = evaluate.perturbation_curve(model, x, lrp.explain(model, x, 0, "lrp0").relevance, 0, patch=2)
     ordered = regions.sort(1, descending=True).values
@@ -90,47 +92,50 @@ def test_steps_fewer_than_regions_remove_rounded_equal_parts():
 
 
 @pytest.mark.parametrize("replace", ["mean", 0.5, "tensor", "callable"])
-def test_replacement_values_enter_the_score_exactly(replace):
-    model = linear_model(features=6)
-    x = torch.randn(4, 6, dtype=torch.float64)
+def test_replacement_values_enter_the_score_exactly(replace, device):
+    model = linear_model(features=6).to(device)
+    x = torch.randn(4, 6, dtype=torch.float64).to(device)
     relevance = contributions(model, x, 2)
     values = {"mean": x.mean(1, keepdim=True).expand_as(x), 0.5: torch.full_like(x, 0.5),
               "tensor": torch.randn_like(x), "callable": -x}[replace]
-    spec = {"tensor": values, "callable": lambda t: -t}.get(replace, replace)
+    spec = {"tensor": values.cpu(), "callable": lambda t: -t}.get(replace, replace)  # a tensor given on the CPU
     curve = evaluate.perturbation_curve(model, x, relevance, 2, steps=6, replace=spec)
     w = model.weight[2].detach()
     order = relevance.argsort(1, descending=True)
     for k in range(7):
         removed = torch.zeros_like(x, dtype=torch.bool).scatter_(1, order[:, :k], True)
         expected = (torch.where(removed, values, x) * w).sum(1)
-        np.testing.assert_allclose(curve.scores[:, k], expected.numpy(), atol=1e-12)
+        np.testing.assert_allclose(curve.scores[:, k], expected.cpu().numpy(), atol=1e-12)
 
 
-def test_blur_and_uniform_replacements():
-    x = torch.zeros(1, 1, 21, 21, dtype=torch.float64)
+def test_blur_and_uniform_replacements(device):
+    x = torch.zeros(1, 1, 21, 21, dtype=torch.float64, device=device)
     x[0, 0, 10, 10] = 1.0
-    blurred = evaluate.Blur(sigma=1.5)(x)[0, 0]
+    blurred = evaluate.Blur(sigma=1.5)(x)[0, 0].cpu()
     t = torch.arange(-5, 6, dtype=torch.float64)
     g = torch.exp(-0.5 * (t / 1.5) ** 2)
     g /= g.sum()
     np.testing.assert_allclose(blurred[5:16, 5:16].numpy(), torch.outer(g, g).numpy(), atol=1e-12)
-    assert torch.allclose(evaluate.Blur(2.0)(torch.full((2, 3, 9, 9), 0.3)), torch.full((2, 3, 9, 9), 0.3))
+    flat = torch.full((2, 3, 9, 9), 0.3, device=device)
+    assert torch.allclose(evaluate.Blur(2.0)(flat), flat)
 
-    y = torch.rand(3, 2, 5, 5) * 4 - 1
+    y = (torch.rand(3, 2, 5, 5) * 4 - 1).to(device)
     noise = evaluate.Uniform(seed=3)(y)
     lo, hi = y.reshape(3, -1).min(1).values, y.reshape(3, -1).max(1).values
     assert (noise.reshape(3, -1) >= lo[:, None]).all() and (noise.reshape(3, -1) <= hi[:, None]).all()
     assert torch.equal(noise, evaluate.Uniform(seed=3)(y)) and not torch.equal(noise, evaluate.Uniform(seed=4)(y))
+    assert noise.device == y.device and torch.equal(noise.cpu(), evaluate.Uniform(seed=3)(y.cpu()))  # same draws
 
 
-def test_batching_does_not_change_the_curve():
-    model = lrp.models.mnist()
+def test_batching_does_not_change_the_curve(device):
+    model = lrp.models.mnist().to(device)
     x, _ = lrp.models.mnist_digits("test", limit=6)
+    x = x.to(device)
     relevance = lrp.explain(model, x).relevance
     a = evaluate.perturbation_curve(model, x, relevance, steps=20, patch=2, replace="blur", batch_size=7)
     b = evaluate.perturbation_curve(model, x, relevance, steps=20, patch=2, replace="blur", batch_size=1000)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
-    assert (a.target == lrp.explain(model, x).target.numpy()).all()
+    assert (a.target == lrp.explain(model, x).target.cpu().numpy()).all()
 
 
 def test_perturbation_errors_name_the_problem_and_the_way_out():
@@ -172,12 +177,13 @@ def test_evaluation_leaves_the_model_as_it_was_even_when_it_raises():
 
 # --------------------------------------------------------------------------- localisation and complexity
 
-def test_a_mask_covering_exactly_the_relevant_pixels_scores_one():
+def test_a_mask_covering_exactly_the_relevant_pixels_scores_one(device):
     relevance = torch.zeros(3, 1, 6, 6)
     mask = torch.zeros(3, 6, 6, dtype=torch.bool)
     for i in range(3):
         mask[i, i:i + 2, 1:4] = True
     relevance[:, 0][mask] = torch.rand(int(mask.sum())) + 0.1
+    relevance = relevance.to(device)  # the relevance where the model ran, the mask on the CPU
     for metric in (evaluate.pointing_game, evaluate.relevance_mass_accuracy, evaluate.relevance_rank_accuracy):
         np.testing.assert_allclose(metric(relevance, mask), 1.0)
     # the complement holds none of it: no hit, no mass; its 30 top-ranked pixels are the 6 relevant ones
@@ -236,7 +242,7 @@ def test_gini_and_entropy_known_values():
 
 # --------------------------------------------------------------------------- similarity
 
-def test_similarities_against_scipy_and_scikit_image():
+def test_similarities_against_scipy_and_scikit_image(device):
     stats = pytest.importorskip("scipy.stats")
     metrics = pytest.importorskip("skimage.metrics")
     gen = torch.Generator().manual_seed(0)
@@ -244,27 +250,34 @@ def test_similarities_against_scipy_and_scikit_image():
     b = a + 0.7 * torch.randn(3, 1, 12, 10, generator=gen, dtype=torch.float64)
     b[0, 0, :4] = 0.0  # ties
     a[0, 0, 5:] = 1.0
-    ours = evaluate.spearman(a, b)
+    # heatmaps on the device (both, or only the first: the randomisation check compares such pairs); until issue 19
+    # ssim and relative_l2 put one of them on the CPU and the other on the device, and crashed on a GPU
+    da, db = a.to(device), b.to(device)
+    ours = evaluate.spearman(da, db)
+    ssim = evaluate.ssim(da, db)
+    np.testing.assert_array_equal(evaluate.ssim(da, b), ssim)
     for i in range(3):
         assert ours[i] == pytest.approx(stats.spearmanr(a[i].flatten(), b[i].flatten()).statistic, abs=1e-12)
         rng = float(max(a[i].max(), b[i].max()) - min(a[i].min(), b[i].min()))
         ref = metrics.structural_similarity(a[i, 0].numpy(), b[i, 0].numpy(), data_range=rng)
-        assert evaluate.ssim(a, b)[i] == pytest.approx(ref, abs=1e-10)
-    np.testing.assert_allclose(evaluate.relative_l2(a, b),
-                               ((b - a).reshape(3, -1).norm(dim=1) / a.reshape(3, -1).norm(dim=1)).numpy())
-    np.testing.assert_allclose(evaluate.spearman(a, a), 1.0)
-    np.testing.assert_allclose(evaluate.ssim(a, a), 1.0)
-    np.testing.assert_allclose(evaluate.relative_l2(a, a), 0.0)
+        assert ssim[i] == pytest.approx(ref, abs=1e-10)
+    expected_l2 = ((b - a).reshape(3, -1).norm(dim=1) / a.reshape(3, -1).norm(dim=1)).numpy()
+    np.testing.assert_allclose(evaluate.relative_l2(da, db), expected_l2)
+    np.testing.assert_allclose(evaluate.relative_l2(a, db), expected_l2)
+    np.testing.assert_allclose(evaluate.spearman(da, da), 1.0)
+    np.testing.assert_allclose(evaluate.ssim(da, da), 1.0)
+    np.testing.assert_allclose(evaluate.relative_l2(da, da), 0.0)
     with pytest.raises(ValueError, match="at least 3x3"):
         evaluate.ssim(torch.rand(2, 1, 2, 8), torch.rand(2, 1, 2, 8))
 
 
 # --------------------------------------------------------------------------- randomisation
 
-def test_randomising_nothing_leaves_the_heatmap_identical_and_the_model_untouched():
-    model = lrp.models.mnist().train()
+def test_randomising_nothing_leaves_the_heatmap_identical_and_the_model_untouched(device):
+    model = lrp.models.mnist().train().to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, _ = lrp.models.mnist_digits("test", limit=4)
+    x = x.to(device)
     res = evaluate.randomisation_check(model, x, layers=[])
     assert res.layers == ["none"]
     np.testing.assert_allclose(res.similarity["spearman"], 1.0)
@@ -272,12 +285,13 @@ def test_randomising_nothing_leaves_the_heatmap_identical_and_the_model_untouche
     np.testing.assert_allclose(res.similarity["relative_l2"], 0.0)
     evaluate.randomisation_check(model, x, mode="independent")
     assert model.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) and v.device == before[k].device for k, v in model.state_dict().items())
 
 
-def test_randomising_all_layers_decorrelates_the_heatmap():
-    model = lrp.models.mnist()
+def test_randomising_all_layers_decorrelates_the_heatmap(device):
+    model = lrp.models.mnist().to(device)
     x, _ = lrp.models.mnist_digits("test", limit=16)
+    x = x.to(device)
     cascade = evaluate.randomisation_check(model, x, method="epsilon-plus-flat")
     assert cascade.layers == ["none", "9", "7", "3", "0"]  # the top layer first
     spearman = cascade.mean("spearman")
@@ -294,10 +308,10 @@ def test_randomising_all_layers_decorrelates_the_heatmap():
     assert len(independent.relevance) == 5 and independent.relevance[0].shape == (4, 1, 28, 28)
 
 
-def test_randomisation_of_a_tabular_model_leaves_out_ssim():
+def test_randomisation_of_a_tabular_model_leaves_out_ssim(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid())
-    res = evaluate.randomisation_check(model, torch.randn(5, 6), method="epsilon")
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid()).to(device)
+    res = evaluate.randomisation_check(model, torch.randn(5, 6).to(device), method="epsilon")
     assert list(res.similarity) == ["spearman", "relative_l2"] and res.layers == ["none", "2", "0"]
     np.testing.assert_allclose(res.similarity["spearman"][0], 1.0)
 
@@ -315,9 +329,9 @@ def test_randomisation_errors():
 
 # --------------------------------------------------------------------------- baselines
 
-def test_baselines_on_a_linear_model_have_their_closed_forms():
-    model = image_linear_model(size=4, classes=3)
-    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+def test_baselines_on_a_linear_model_have_their_closed_forms(device):
+    model = image_linear_model(size=4, classes=3).to(device)
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64).to(device)
     w = model[1].weight[2].detach().reshape(1, 1, 4, 4)
     assert torch.allclose(baselines.gradient(model, x, 2).relevance, w.expand_as(x))
     assert torch.allclose(baselines.gradient_x_input(model, x, 2).relevance, w * x)
@@ -329,26 +343,28 @@ def test_baselines_on_a_linear_model_have_their_closed_forms():
     assert torch.allclose(occ, patches.expand_as(occ))
     r = baselines.random(model, x, seed=1).relevance
     assert torch.equal(r, baselines.random(model, x, seed=1).relevance) and r.shape == x.shape
+    assert r.device == x.device and torch.equal(r.cpu(), baselines.random(model.cpu(), x.cpu(), seed=1).relevance)
 
 
-def test_gradient_baselines_on_a_relu_network():
-    model = lrp.models.mnist().double()
+def test_gradient_baselines_on_a_relu_network(device):
+    model = lrp.models.mnist().double().to(device)
     x, _ = lrp.models.mnist_digits("test", limit=4)
-    x = x.double()
+    x = x.double().to(device)
     gxi = baselines.gradient_x_input(model, x)
     assert torch.allclose(gxi.relevance, lrp.explain(model, x, composite="lrp0").relevance, atol=1e-10)
     ig = baselines.integrated_gradients(model, x, steps=64)
     gap = gxi.output.gather(1, gxi.target[:, None])[:, 0] - model(torch.zeros_like(x))[:, gxi.target].diagonal()
     # completeness: IG sums to f(x) - f(0), up to the Riemann sum's error
-    np.testing.assert_allclose(ig.relevance.sum((1, 2, 3)).detach(), gap.detach(), rtol=0.05)
+    np.testing.assert_allclose(ig.relevance.sum((1, 2, 3)).detach().cpu(), gap.detach().cpu(), rtol=0.05)
 
 
-def test_baselines_leave_the_model_as_they_found_it():
-    model = lrp.models.mnist().train()
+def test_baselines_leave_the_model_as_they_found_it(device):
+    model = lrp.models.mnist().train().to(device)
     flags = [p.requires_grad for p in model.parameters()]
     x, _ = lrp.models.mnist_digits("test", limit=2)
+    x = x.to(device)
     for name, method in baselines.METHODS.items():
-        method(model, x, 3)
+        assert method(model, x, 3).relevance.device == x.device, name
         assert model.training and [p.requires_grad for p in model.parameters()] == flags, name
         assert all(p.grad is None for p in model.parameters()), name
     with pytest.raises(TypeError, match=r"unexpected options \['stepz'\]"):
@@ -359,10 +375,11 @@ def test_baselines_leave_the_model_as_they_found_it():
 
 # --------------------------------------------------------------------------- comparison and MNIST end to end
 
-def test_compare_outputs(tmp_path):
-    model = lrp.models.mnist()
+def test_compare_outputs(tmp_path, device):
+    model = lrp.models.mnist().to(device)
     x, _ = lrp.models.mnist_digits("test", limit=8)
-    masks = x[:, 0] > 0.5
+    masks = x[:, 0] > 0.5  # on the CPU, as lrp evaluate reads them from files
+    x = x.to(device)
     table = evaluate.compare(model, x, methods={"LRP": "epsilon-plus-flat", "grad": "gradient"}, masks=masks,
                              steps=10, replace="blur")
     assert [row["method"] for row in table.rows] == ["LRP", "grad"]
@@ -388,9 +405,10 @@ def test_compare_outputs(tmp_path):
         evaluate.compare(model, x, methods=[lambda m, x, t: m(x)])
 
 
-def test_randomisation_plot_and_csv(tmp_path):
-    model = lrp.models.mnist()
+def test_randomisation_plot_and_csv(tmp_path, device):
+    model = lrp.models.mnist().to(device)
     x, _ = lrp.models.mnist_digits("test", limit=4)
+    x = x.to(device)
     res = evaluate.randomisation_check(model, x)
     import matplotlib
     backend = matplotlib.get_backend()
@@ -401,9 +419,10 @@ def test_randomisation_plot_and_csv(tmp_path):
     assert lines[0] == "step,randomised,spearman,ssim,relative_l2" and len(lines) == 6
 
 
-def test_lrp_beats_gradient_and_random_at_removing_what_the_mnist_model_uses():
-    model = lrp.models.mnist()
+def test_lrp_beats_gradient_and_random_at_removing_what_the_mnist_model_uses(device):
+    model = lrp.models.mnist().to(device)
     x, _ = lrp.models.mnist_digits("test", limit=200)
+    x = x.to(device)
     methods = {"epsilon-plus-flat": "epsilon-plus-flat",
                "epsilon-gamma-box": lrp.composite("epsilon-gamma-box", low=0.0, high=1.0),
                "gradient": "gradient", "random": "random"}

@@ -1,6 +1,7 @@
 """Token deletion for text models (lrp.evaluate.tokens) and the spam model's report (lrp.evaluate.text_report):
 known answers on hand-made models, identities on SpamNet, a tiny report."""
 
+import copy
 import csv
 import math
 
@@ -34,7 +35,7 @@ class Positional(Bag):
     """s = sum_p (p + 1) v[id_p]: where a token stands matters."""
 
     def forward(self, ids):
-        weights = torch.arange(1, ids.shape[1] + 1, dtype=torch.float32)
+        weights = torch.arange(1, ids.shape[1] + 1, dtype=torch.float32, device=ids.device)
         s = (self.embedding(ids)[..., 0] * weights).sum(1)
         return torch.stack([-s, s], 1)
 
@@ -59,11 +60,11 @@ class Curved(nn.Module):
 VALUES = [0.0, 1.0, 2.0, 3.0, 4.0, -1.0, -2.0, 0.5]
 
 
-def test_aopc_known_answer_on_a_bag_of_tokens():
-    model = Bag(VALUES)
-    ids = torch.tensor([[3, 1, 4, 2, PAD, PAD]])  # contributions 3, 1, 4, 2: score 10, class 1 ("spam")
+def test_aopc_known_answer_on_a_bag_of_tokens(device):
+    model = Bag(VALUES).to(device)
+    ids = torch.tensor([[3, 1, 4, 2, PAD, PAD]], device=device)  # contributions 3, 1, 4, 2: score 10, class 1
     relevance = T.gradient_x_input(model, ids)
-    assert torch.allclose(relevance, torch.tensor([[3.0, 1.0, 4.0, 2.0, 0.0, 0.0]]))
+    assert torch.allclose(relevance.cpu(), torch.tensor([[3.0, 1.0, 4.0, 2.0, 0.0, 0.0]]))
     for removal in T.REMOVALS:  # order does not matter to a bag of tokens: both removals agree
         morf = T.token_deletion_curve(model, ids, relevance, order="morf", steps=4, removal=removal)
         lerf = T.token_deletion_curve(model, ids, relevance, order="lerf", steps=4, removal=removal)
@@ -108,21 +109,22 @@ def test_morf_beats_random_beats_lerf_with_true_contributions():
     assert aopc["truth", "morf"].mean() > aopc["random", "morf"].mean() > aopc["truth", "lerf"].mean()
 
 
-def test_occlusion_removes_exactly_a_words_contribution():
-    model = Bag(VALUES)
-    ids = torch.tensor([[3, 1, 7, 4, 2, PAD], [5, 6, 1, PAD, PAD, PAD]])
+def test_occlusion_removes_exactly_a_words_contribution(device):
+    model = Bag(VALUES).to(device)
+    ids = torch.tensor([[3, 1, 7, 4, 2, PAD], [5, 6, 1, PAD, PAD, PAD]], device=device)
     words = [[0, 0, None, 1, 1], [0, 1, 2]]
-    relevance = T.occlusion(model, ids, torch.tensor([1, 0]), words=words)
+    relevance = T.occlusion(model, ids, torch.tensor([1, 0]), words=words)  # the target on the CPU
+    assert relevance.device == ids.device
     # text 0, class 1: word 0 = 3 + 1 -> 2 each; white space 0; word 1 = 4 + 2 -> 3 each
     # text 1, class 0 (score -s): dropping a token of value v changes -s by +v, so its relevance is -v
     expected = torch.tensor([[2.0, 2.0, 0.0, 3.0, 3.0, 0.0], [1.0, 2.0, -1.0, 0.0, 0.0, 0.0]])
-    assert torch.allclose(relevance, expected)
+    assert torch.allclose(relevance.cpu(), expected)
     # without words, each token is its own word: occlusion = the contributions
     single = T.occlusion(model, ids, torch.tensor([1, 1]), batch_size=3)
     assert torch.allclose(single, T.gradient_x_input(model, ids, torch.tensor([1, 1])))
 
 
-def test_mask_keeps_positions_delete_closes_the_gap():
+def test_mask_keeps_positions_delete_closes_the_gap(device):
     ids = torch.tensor([[5, 6, 7, 8, PAD]])
     removed = torch.tensor([[False, True, False, True, False]])
     assert T.remove_tokens(ids, removed, "mask").tolist() == [[5, 0, 7, 0, 0]]
@@ -130,9 +132,9 @@ def test_mask_keeps_positions_delete_closes_the_gap():
     with pytest.raises(ValueError, match="removal"):
         T.remove_tokens(ids, removed, "drop")
 
-    model = Positional([0.0, 1.0, 2.0, 3.0])
-    ids = torch.tensor([[1, 2, 3, PAD]])  # s = 1*1 + 2*2 + 3*3 = 14
-    first_first = torch.tensor([[3.0, 2.0, 1.0, 0.0]])  # MoRF removes position 0, then 1, then 2
+    model = Positional([0.0, 1.0, 2.0, 3.0]).to(device)
+    ids = torch.tensor([[1, 2, 3, PAD]], device=device)  # s = 1*1 + 2*2 + 3*3 = 14
+    first_first = torch.tensor([[3.0, 2.0, 1.0, 0.0]])  # on the CPU; MoRF removes position 0, then 1, then 2
     mask = T.token_deletion_curve(model, ids, first_first, steps=3, removal="mask")
     delete = T.token_deletion_curve(model, ids, first_first, steps=3, removal="delete")
     np.testing.assert_allclose(mask.scores[0], [14, 2 * 2 + 3 * 3, 3 * 3, 0])
@@ -167,8 +169,11 @@ def spam_batch():
     return model, ids[:, :160], encoded
 
 
-def test_spam_gradient_x_input_is_lrp0_and_integrated_gradients(spam_batch):
+def test_spam_gradient_x_input_is_lrp0_and_integrated_gradients(spam_batch, device):
     model, ids, _ = spam_batch
+    model, ids = copy.deepcopy(model).to(device), ids.to(device)
+    if device.type != "cpu":  # identities checked in float64 there: CUDA runs float32 convolutions in TF32
+        model = model.double()
     target = model(ids).argmax(1)
     gxi = T.gradient_x_input(model, ids, target)
     lrp0 = lrp.explain(model, ids, target, composite="lrp0").relevance

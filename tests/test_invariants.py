@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import lrp
 from architectures import (Concatenating, Conv1dNet, Hyperspectral, Residual, Sequential2d, SharedWeights,
                            TabularMLP, bias_free_models)
+from device_lane import float32_rel
 
 CONSERVING = {
     "lrp0": (lambda: lrp.composite("lrp0"), 1e-8),
@@ -23,9 +24,9 @@ CONSERVING = {
 
 @pytest.mark.parametrize("composite", list(CONSERVING))
 @pytest.mark.parametrize("arch", [name for name, _, _ in bias_free_models()])
-def test_bias_free_networks_conserve_relevance(arch, composite):
+def test_bias_free_networks_conserve_relevance(arch, composite, device):
     _, model, x = next(item for item in bias_free_models() if item[0] == arch)
-    model, x = model.double(), x.double()
+    model, x = model.double().to(device), x.double().to(device)  # float64: exact on every device
     make, tol = CONSERVING[composite]
     res = lrp.explain(model, x, composite=make())
     start = res.start.sum(1)
@@ -85,12 +86,13 @@ def _grad_times_input(model, x, target):
 @pytest.mark.parametrize("make", [lambda: _randomize_batchnorm(ReLUWithBatchNorm()), lambda: Sequential2d(),
                                   lambda: Residual(), lambda: Concatenating(), lambda: Conv1dNet(),
                                   lambda: Hyperspectral()])
-def test_lrp0_equals_gradient_times_input_on_relu_networks(make):
+def test_lrp0_equals_gradient_times_input_on_relu_networks(make, device):
     torch.manual_seed(0)
     model = make().double().eval()
     shapes = {Conv1dNet: (4, 2, 32), Hyperspectral: (4, 1, 6, 8, 8), ReLUWithBatchNorm: (4, 3, 8, 8),
               Concatenating: (4, 3, 8, 8)}
-    x = torch.randn(*shapes.get(type(model), (4, 3, 16, 16)), dtype=torch.float64)
+    x = torch.randn(*shapes.get(type(model), (4, 3, 16, 16)), dtype=torch.float64).to(device)
+    model.to(device)
     res = lrp.explain(model, x, composite="lrp0")
     expected = _grad_times_input(model, x, res.target)
     torch.testing.assert_close(res.relevance, expected, rtol=1e-6, atol=1e-9)
@@ -106,9 +108,9 @@ def test_batchnorm_after_layers_is_merged_and_output_unchanged():
 
 
 @pytest.mark.parametrize("composite", ["epsilon-plus-flat", "epsilon-alpha2-beta1", "lrp0"])
-def test_batch_explains_like_single_samples(composite):
+def test_batch_explains_like_single_samples(composite, device):
     _, model, x = bias_free_models()[1]
-    model, x = model.double(), x.double()
+    model, x = model.double().to(device), x.double().to(device)
     x[1] = x[1].abs()  # one sample with only positive inputs takes the fast path alone
     batch = lrp.explain(model, x, composite=composite)
     for i in range(len(x)):
@@ -126,9 +128,9 @@ def test_gamma_box_batch_equals_single():
                                    batch.relevance[i], rtol=1e-10, atol=1e-12)
 
 
-def test_per_layer_conservation_on_sequential_model():
-    model = Sequential2d(bias=False).double()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+def test_per_layer_conservation_on_sequential_model(device):
+    model = Sequential2d(bias=False).double().to(device)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64).to(device)
     res = lrp.explain(model, x, composite="lrp0", record_layers=True)
     assert list(res.layers) == ["0", "3", "7", "10"]
     for name, ratio in res.conservation.items():
@@ -136,10 +138,12 @@ def test_per_layer_conservation_on_sequential_model():
     assert res.layers["7"].shape == (2, 32)
 
 
-def test_float32_runs_and_is_close_to_float64():
-    model = Residual()
-    x = torch.randn(2, 3, 8, 8)
+def test_float32_runs_and_is_close_to_float64(device):
+    model = Residual().to(device)
+    x = torch.randn(2, 3, 8, 8).to(device)
     r32 = lrp.explain(model, x).relevance
     r64 = lrp.explain(model.double(), x.double()).relevance
-    assert r32.dtype == torch.float32
-    assert ((r32.double() - r64).norm() / r64.norm()) < 1e-4
+    assert r32.dtype == torch.float32 and r32.device == x.device
+    # CUDA runs float32 convolutions in TF32 by default (tests/device_lane.py): a looser bound there only
+    limit = 1e-4 if device.type == "cpu" else float32_rel(device)
+    assert ((r32.double() - r64).norm() / r64.norm()) < limit

@@ -451,3 +451,46 @@ def test_served_model_and_its_inputs_go_to_its_device(monkeypatch):
     assert seen == [torch.device("meta")]
     with pytest.raises(ModelError, match="unknown device 'gpu0'"):
         ServedModel.load("mnist", device="gpu0")
+
+
+def test_models_served_on_the_lane_device_answer_requests(device, digits):
+    """``lrp serve --device``: the models load onto the device (as the CLI loads them), and a request by array, a
+    PNG upload, a camera frame and a text are answered from it, with what ``lrp.explain`` gives on the CPU."""
+    from device_lane import assert_matches_cpu, scalar_rel
+    from lrp.web.server import load_models
+
+    x, labels = digits
+    models = load_models([{"model": "mnist"}, {"model": "spam"}], device=str(device))
+    pipelines = [getattr(m, "pipeline", m) for m in models]  # a ServedText holds its TextPipeline
+    assert [p.device.type for p in pipelines] == [device.type, device.type]
+    assert all(w.device.type == device.type for p in pipelines for w in p.model.parameters())
+    app = create_app(models)  # warms each model up on its device
+    client = TestClient(app)
+    cpu = lrp.models.mnist()
+    for i in (0, 2):
+        body = client.post("/api/explain", json={"array": x[i].tolist(), "raw": True}).json()
+        by_png = upload(client, digit_png(x[i]), raw="true").json()
+        expected = lrp.explain(cpu, x[i:i + 1])
+        for answer in (body, by_png):
+            assert answer["prediction"] == answer["target"] == int(labels[i]), answer
+            assert_matches_cpu(np.asarray(answer["relevance"], dtype=np.float32), expected.relevance[0], device,
+                               rtol=1e-5, atol=1e-7, what=f"digit {i}")
+            assert answer["score"] == pytest.approx(float(expected.output[0, int(labels[i])]),
+                                                    rel=scalar_rel(device, 1e-5))
+    with client.websocket_connect("/api/camera") as ws:  # the Camera tab: a frame explained on the device
+        assert ws.receive_json()["type"] == "ready"
+        ws.send_text(json.dumps({"model": "mnist", "preprocess": "model", "raw": True}))
+        assert ws.receive_json()["type"] == "options"
+        ws.send_bytes(digit_png(x[2]))
+        frame = ws.receive_json()
+    assert frame["type"] == "result" and frame["prediction"] == int(labels[2]), frame
+    assert_matches_cpu(np.asarray(frame["relevance"], dtype=np.float32), lrp.explain(cpu, x[2:3]).relevance[0],
+                       device, rtol=1e-5, atol=1e-7, what="camera frame")
+    words = "Win a FREE prize now, click here to claim your cash"
+    text = client.post("/api/explain", json={"model": "spam", "text": words})  # the Text tab, on the device
+    assert text.status_code == 200, text.text
+    from lrp.pipeline.text import TextPipeline
+    on_cpu = TextPipeline.load("spam").explain(words)
+    assert text.json()["prediction"] == on_cpu.predicted
+    assert_matches_cpu(np.asarray(text.json()["relevance"], dtype=np.float32), on_cpu.relevance, device, rtol=1e-5,
+                       atol=1e-6, what="text")

@@ -74,15 +74,21 @@ def parameter_layers(model: torch.nn.Module, x: Tensor) -> list[str]:
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda), torch.no_grad():  # the caller's random state stays as it was
+    """Re-initialise ``module``'s parameters from ``seed``. The new values are drawn on the CPU, on a copy of the
+    module, and copied into it: a GPU draws other numbers from the same seed, so drawing on the module's own device
+    would make the check's result depend on the device."""
+    on_cpu = all(t.device.type == "cpu" for t in module.state_dict().values())
+    work = module if on_cpu else copy.deepcopy(module).cpu()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random state stays as it was
         torch.manual_seed(seed)
-        reset = getattr(module, "reset_parameters", None)
+        reset = getattr(work, "reset_parameters", None)
         if callable(reset):
             reset()
         else:
-            for p in module.parameters(recurse=False):
+            for p in work.parameters(recurse=False):
                 p.normal_(0.0, float(p.std()) if p.numel() > 1 else 1.0)
+    if work is not module:
+        module.load_state_dict(work.state_dict())  # copies into the module's tensors, on their devices
 
 
 def randomisation_check(

@@ -23,10 +23,12 @@ def _features(a) -> Tensor:
 
 
 def _pair(a, b) -> tuple[Tensor, Tensor]:
+    """Both heatmaps' features in float64 on the CPU, wherever each was computed (one may be on a GPU, the other
+    on the CPU): the metrics are small reductions, and NumPy takes their results."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     if a.shape != b.shape:
         raise ValueError(f"heatmaps to compare must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
-    return _features(a), _features(b).to(a.device)
+    return _features(a), _features(b)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:

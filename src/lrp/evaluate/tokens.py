@@ -158,6 +158,7 @@ def word_index(ids: Tensor, words: Words = None, pad_id: int = 0) -> Tensor:
     if words is None:
         return torch.where(real, real.long().cumsum(1) - 1, torch.full_like(ids, -1))
     index = torch.full(ids.shape, -1, dtype=torch.long)
+    real = real.cpu()  # read token by token below: on a GPU each read would wait for the device
     for i, row in enumerate(words):
         numbers: dict[int, int] = {}
         for t, w in enumerate(list(row)[:ids.shape[1]]):
