@@ -102,6 +102,23 @@ def test_smoothgrad_without_noise_is_the_gradient(image_and_ids):
     torch.testing.assert_close(baselines.smoothgrad(model, (x, ids), samples=3).relevance[0], noisy[0])  # seeded
 
 
+class TwoRelus(nn.Module):
+    """Score = sum relu(a) + sum relu(b): the gradient of a ReLU whose input sits just above zero is 1 as long as the
+    noise stays small against that offset."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        score = torch.relu(a).flatten(1).sum(1) + torch.relu(b).flatten(1).sum(1)
+        return torch.stack([score, -score], 1)
+
+
+def test_smoothgrad_scales_each_inputs_noise_by_its_own_range():
+    a = torch.linspace(-100, 100, 8).reshape(1, 8)  # range 200: noise sigma 20
+    b = 0.05 + torch.linspace(0, 0.01, 8).reshape(1, 8)  # range 0.01: sigma 0.001, far below the 0.05 offset
+    res = baselines.smoothgrad(TwoRelus(), (a, b), target=0, samples=64)
+    torch.testing.assert_close(res.relevance[1], torch.ones_like(b))  # b's own small noise never crosses zero
+    assert res.relevance[0].min() < 0.5  # a's large noise does, for values near zero
+
+
 def test_occlusion_by_hand(image_and_ids):
     model, x, ids = image_and_ids
     res = baselines.occlusion(model, (x, ids), patch=2, value=0.5)
@@ -193,6 +210,25 @@ def test_the_benchmark_writes_its_report(benchmark):
     assert f"answer accuracy: {accuracy:.3f}" in report and "**Verdict**" in report and "Chance" in report
     for picture in ("metrics.png", "by_type.png", "examples.png"):
         assert f"]({picture})" in report and 0 < (out / picture).stat().st_size < 300_000
+
+
+def test_rows_by_type_and_subset_count_their_own_questions(benchmark):
+    """Per method and subset, the question types' counts add up to the 'all' row's, and the 'correct' subset holds
+    the localisable questions the model answers right."""
+    from lrp.datasets.shapes_vqa import test_set
+    from lrp.vqa import vqa, vqa_accuracy
+
+    _, rows, _ = benchmark
+    questions = test_set(LIMIT)
+    right = vqa_accuracy(vqa()[0], questions).correct
+    expected = {"all": sum(q.localisable for q in questions),
+                "correct": sum(q.localisable and ok for q, ok in zip(questions, right))}
+    for subset, n in expected.items():
+        for method in {r["method"] for r in rows}:
+            mine = [r for r in rows if r["method"] == method and r["subset"] == subset]
+            total = next(int(r["n"]) for r in mine if r["question_type"] == "all")
+            assert total == n
+            assert sum(int(r["n"]) for r in mine if r["question_type"] != "all") == total
 
 
 def test_lrp_localises_better_than_random(benchmark):
