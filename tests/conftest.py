@@ -47,3 +47,34 @@ def device() -> torch.device:
     if reason:
         pytest.skip(reason)
     return torch.device(spec)
+
+
+# the Chromium tests' fixtures (tests/browser_support.py); a module may define its own `page` or `browser`
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for the module (skipped, with the reason, without Playwright or Chromium)."""
+    from browser_support import chromium
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def page(browser, server):
+    """The app the module's ``server`` fixture serves, open and ready; fails on JavaScript errors."""
+    from browser_support import open_page
+    context, opened, errors = open_page(browser, server + "/")
+    yield opened
+    context.close()
+    assert not errors, errors  # no JavaScript errors on the page
+
+
+@pytest.fixture
+def shoot(tmp_path):
+    """Save a screenshot under tmp_path and, with LRP_SCREENSHOTS=dir, there too."""
+    from browser_support import screenshot
+
+    def save(opened, name: str):
+        path = screenshot(opened, tmp_path, name)
+        assert path.stat().st_size > 10_000
+        return path
+    return save

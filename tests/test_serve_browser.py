@@ -6,11 +6,10 @@ dir, and into $LRP_SCREENSHOTS when set). Skipped when Chromium or Playwright is
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
-from browser_support import TIMEOUT_MS, chromium, open_page, playwright, screenshot  # noqa: E402
+from browser_support import TIMEOUT_MS, open_page, playwright  # noqa: E402
 
 playwright()  # skips the module, naming what is missing
 
@@ -26,28 +25,12 @@ def server():
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as launched:
-        yield launched
-
-
 @pytest.fixture
 def page(browser, server):
     context, page, errors = open_page(browser, server + "/", viewport=(1280, 860), accept_downloads=True)
     yield page
     context.close()
     assert not errors, errors  # no JavaScript errors on the page
-
-
-@pytest.fixture
-def shoot(tmp_path):
-    """Save a screenshot under tmp_path and, with LRP_SCREENSHOTS=dir, there too."""
-    def save(page, name: str) -> Path:
-        path = screenshot(page, tmp_path, name)
-        assert path.stat().st_size > 10_000
-        return path
-    return save
 
 
 def draw_one(page) -> None:

@@ -7,11 +7,10 @@ $LRP_SCREENSHOTS when set). Skipped when Chromium or Playwright is missing.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
-from browser_support import chromium, open_page, playwright, screenshot  # noqa: E402
+from browser_support import open_page, playwright  # noqa: E402
 
 playwright()  # skips the module, naming what is missing
 
@@ -34,30 +33,6 @@ def server():
     # as the default app (mnist and spam), but texts with HOLD in them wait for the test to let them through
     with live_server(create_app(["mnist", held_spam()])) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as launched:
-        yield launched
-
-
-@pytest.fixture
-def page(browser, server):
-    context, page, errors = open_page(browser, server + "/")
-    yield page
-    context.close()
-    assert not errors, errors  # no JavaScript errors on the page
-
-
-@pytest.fixture
-def shoot(tmp_path):
-    """Save a screenshot under tmp_path and, with LRP_SCREENSHOTS=dir, there too."""
-    def save(page, name: str) -> Path:
-        path = screenshot(page, tmp_path, name)
-        assert path.stat().st_size > 10_000
-        return path
-    return save
 
 
 def wait_for_answer(page, text: str, target: int | None = None) -> None:

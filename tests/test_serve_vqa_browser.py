@@ -9,12 +9,11 @@ Playwright is missing.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from browser_support import chromium, open_page, playwright, screenshot  # noqa: E402
+from browser_support import open_page, playwright  # noqa: E402
 
 playwright()  # skips the module, naming what is missing
 
@@ -34,30 +33,6 @@ def model():
 def server():
     with live_server(create_app(["mnist", "vqa"])) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as launched:
-        yield launched
-
-
-@pytest.fixture
-def page(browser, server):
-    context, page, errors = open_page(browser, server + "/")
-    yield page
-    context.close()
-    assert not errors, errors  # no JavaScript errors on the page
-
-
-@pytest.fixture
-def shoot(tmp_path):
-    """Save a screenshot under tmp_path and, with LRP_SCREENSHOTS=dir, there too."""
-    def save(page, name: str) -> Path:
-        path = screenshot(page, tmp_path, name)
-        assert path.stat().st_size > 10_000
-        return path
-    return save
 
 
 def scene_seed(page) -> int:
