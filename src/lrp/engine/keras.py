@@ -197,11 +197,11 @@ class KerasPatches:
             trace.stack.pop()
 
     # ------------------------------------------------------------------ layers
-    def _finish(self, layer: Any, z: Tensor, channels_first: bool, bn_axis: int = 1) -> Tensor:
+    def _finish(self, layer: Any, z: Tensor, channels_first: bool) -> Tensor:
         """BatchNorm merged into ``layer`` (if it feeds one), channels back to Keras' order, the activation."""
         bn = _merged_batchnorm(layer, self.layers, self.outputs)
         if bn is not None:
-            z = self._batch_norm(bn, z, bn_axis)
+            z = self._batch_norm(bn, z, 1)  # channels first here
         if not channels_first and z.ndim > 2:
             z = z.movedim(1, -1)
         if bn is not None:
