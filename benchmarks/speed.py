@@ -23,8 +23,9 @@ bound is >= 0.99.
 
 Models have random weights (fixed seed); vit_b_16's classifier, which torchvision initialises to zero (all
 logits 0, all relevance 0), gets normal(0, 0.02) weights. Zennit is not run on vit_b_16 (n/a): it has no
-canonizer or rules for attention. The row "lrp Explainer epsilon-plus-flat (repeated calls)" (one
-``lrp.Explainer`` built once, then called) appears only when the installed lrp has ``lrp.Explainer``.
+canonizer or rules for attention. The rows "lrp Explainer ... (replayed)" (one ``lrp.Explainer`` built and
+called twice outside the timing, so that every timed call replays its recorded program) appear only when the
+installed lrp has ``lrp.Explainer``.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def available_methods() -> dict[str, str]:
     exists only when the installed lrp has ``lrp.Explainer``."""
     methods = {"forward": "forward", "grad": "grad x input", "lrp-epf": "lrp epsilon-plus-flat"}
     if hasattr(lrp, "Explainer"):
-        methods["lrp-epf-explainer"] = "lrp Explainer epsilon-plus-flat (repeated calls)"
-    methods.update({"lrp-egb": "lrp epsilon-gamma-box", "zennit-epf": "zennit EpsilonPlusFlat",
-                    "zennit-egb": "zennit EpsilonGammaBox"})
+        methods["lrp-epf-explainer"] = "lrp Explainer epsilon-plus-flat (replayed)"
+    methods["lrp-egb"] = "lrp epsilon-gamma-box"
+    if hasattr(lrp, "Explainer"):
+        methods["lrp-egb-explainer"] = "lrp Explainer epsilon-gamma-box (replayed)"
+    methods.update({"zennit-epf": "zennit EpsilonPlusFlat", "zennit-egb": "zennit EpsilonGammaBox"})
     return methods
 
 
@@ -138,12 +141,15 @@ def make_method(key: str, model_name: str, model: torch.nn.Module, x: torch.Tens
         return run
     if key == "lrp-epf":
         return lambda: lrp.explain(model, x, composite="epsilon-plus-flat").relevance
-    if key == "lrp-epf-explainer":
-        explainer = lrp.Explainer(model, composite="epsilon-plus-flat")
-        return lambda: explainer(x).relevance
     if key == "lrp-egb":
         comp = lrp.composite("epsilon-gamma-box", low=-3.0, high=3.0)
         return lambda: lrp.explain(model, x, composite=comp).relevance
+    if key in ("lrp-epf-explainer", "lrp-egb-explainer"):
+        composite = "epsilon-plus-flat" if key == "lrp-epf-explainer" else \
+            lrp.composite("epsilon-gamma-box", low=-3.0, high=3.0)
+        explainer = lrp.Explainer(model, composite=composite)
+        explainer(x), explainer(x)  # explained eagerly, then recorded: every timed call is a replay
+        return lambda: explainer(x).relevance
     if key in ("zennit-epf", "zennit-egb"):
         return make_zennit(key, model_name, model, x, stack)
     raise ValueError(f"unknown method {key!r}")

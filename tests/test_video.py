@@ -421,7 +421,9 @@ def test_failure_midway_leaves_no_output(clip, tmp_path):
                                          r"\(1, 28, 28\)\): RuntimeError: out of memory"):
         explain_video(pipeline, clip[0], out, batch_size=4, progress=False)
     assert out.read_bytes() == b"an older video" and no_leftovers(tmp_path)
-    assert calls == [4, 4]
+    # the second batch is the one lrp.Explainer records for replay; a failed recording is tried once more
+    # eagerly (the tracer may be what failed), where the model's own error comes out
+    assert calls == [4, 4, 4]
 
 
 # --------------------------------------------------------------------------- in Python

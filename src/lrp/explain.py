@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .composites import Composite, resolve
+from .composites import _MODULE_RULES, Composite, resolve
 from .engine.capture import Trace
+from .engine import values
 from .engine.propagate import Propagation, WeightCache
+from .engine.replay import ModelState, Program, global_state, input_signature, record
 from .engine.session import frozen, model_lock
 from .engine.targets import (StartSpec, TargetSpec, binary_targets, class_targets, model_output, output_gradient,
-                             start_relevance)
+                             start_relevance, targets_checked)
 from .errors import LRPError, UnsupportedOperationError
 
 Tensor = torch.Tensor
@@ -225,43 +229,161 @@ def _explain(model: torch.nn.Module, x: Inputs, target: TargetSpec, comp: Compos
 class Explainer:
     """Explain one model again and again (video frames, a dataset, a server) with one composite.
 
-    ``explainer(x, target)`` gives what ``lrp.explain(model, x, target, composite)`` gives. What does not
-    depend on the input is kept from one call to the next: the composite, and the tensors rules build from the
-    weights (``W+``, BatchNorm merged into the layer before it, flat counts, w^2 sums, z^B offsets). Every call
-    still runs the model's own forward, so control flow that depends on the input (an ``if`` on a tensor) is
-    followed as always. A kept tensor is used again only while every tensor it was built from is the same
-    object with the same version counter, storage and values (a hash of them, ``torch.hash_tensor``, read once
-    per call: about 1% of a ResNet50 explanation on the CPU) and the rule's parameters are unchanged; so
-    weights edited in place (also through ``.data`` or by a fused optimiser), a loaded state dict, a replaced
-    parameter, new BatchNorm statistics and changed z^B bounds all rebuild it. (The hash is the XOR of the
-    elements' bits: a change that only swaps values between elements in place is not seen.) Modes need
-    nothing: like ``explain``, each call runs in eval mode (``eval_mode=True``) and restores the model's modes.
+    ``explainer(x, target)`` gives what ``lrp.explain(model, x, target, composite)`` gives, faster from the
+    third call on inputs of one shape: the second such call is recorded as a program of tensor operations
+    (forward, rules and backward; :mod:`lrp.engine.replay`), and later calls run that program without the
+    model's Python, the capture or autograd. A call is explained eagerly, and never replayed, when the model
+    reads a value of its input or weights into Python (an ``if`` on a tensor, ``.item()``) or runs an
+    operation whose output shape depends on values (``nonzero``, boolean masks); ``why_not_replayed`` says
+    why. A program is used only while the model is as it was recorded: the same parameter, buffer and
+    tensor-attribute objects (their values are read on every call, so weights changed in place or a loaded
+    state dict need nothing), the same modules, hooks and plain attributes (numbers, strings, flags; other
+    objects by identity: one changed in place is not seen), and the same autocast and default-dtype settings;
+    any change records anew. Python side effects of the model's ``forward`` (printing, counters, hooks' own
+    work) happen only in the calls that are not replayed. ``replay=False`` explains every call eagerly.
 
-    The kept tensors hold about as much memory as the weights of the layers whose rules need them; call
-    :meth:`clear` to drop them.
+    Eager calls keep what does not depend on the input between calls: the tensors rules build from the
+    weights (``W+``, BatchNorm merged into the layer before it, flat counts, w^2 sums, z^B offsets), used again
+    only while every tensor they were built from is the same object with the same version counter, storage
+    and values (a hash, ``torch.hash_tensor``, of them: a change that only swaps values between elements in
+    place is not seen) and the rule's parameters are unchanged. Modes need nothing: like ``explain``, each
+    call runs in eval mode (``eval_mode=True``) and restores the model's modes.
+
+    Up to ``programs`` recorded programs (one per input shape, target kind and option set) are kept, the
+    least recently used dropped first; call :meth:`clear` to drop them and the kept tensors.
     """
 
     def __init__(self, model: torch.nn.Module, composite: Union[str, Composite, None] = "epsilon-plus-flat", *,
-                 eval_mode: bool = True):
+                 eval_mode: bool = True, replay: bool = True, programs: int = 8):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if programs < 1:
+            raise ValueError(f"programs must be at least 1, got {programs}")
         self.model = model
         self.composite = resolve(composite)
         self.eval_mode = eval_mode
+        self.replay = replay
         self.cache = WeightCache()
+        self.calls: Counter[str] = Counter()  # "eager", "recorded", "replayed"
+        self.why_not_replayed: Optional[str] = None
+        self._programs: OrderedDict[tuple, _Recording] = OrderedDict()
+        self._limit = programs
+        self._state: Optional[ModelState] = None
+        self._lock = threading.Lock()
 
     def __call__(self, x: Inputs, target: TargetSpec = None, *, start: StartSpec = "score", from_logits: bool = True,
                  record_layers: bool = False) -> Explanation:
         """As :func:`explain` with this explainer's model and composite."""
+        if not self.replay or not isinstance(start, str):  # a start tensor is explained eagerly
+            return self._eager(x, target, start, from_logits, record_layers)
+        inputs = _check(self.model, x)
+        with model_lock(self.model):  # not while another thread's eager call has its capture's hooks in place
+            state = ModelState(self.model, not self.eval_mode, (self.composite, _MODULE_RULES))
+        several = isinstance(x, (tuple, list))
+        aliases = tuple(next(j for j, u in enumerate(inputs) if u is t) for t in inputs)
+        key = (input_signature(inputs), aliases, several, target is None, start, from_logits, record_layers,
+               global_state())
+        with self._lock:
+            if not state.same(self._state):
+                if self._programs:
+                    self.why_not_replayed = ("the model changed between calls (its modules, their attributes, "
+                                             "parameters, buffers or hooks, or the rules): each change records anew")
+                self._programs.clear()
+                self._state = state
+            tensors = self._state.tensors if self._state is not None else state.tensors
+            if any(t is u for t in inputs for u in tensors):  # an input that is also one of the model's tensors
+                return self._eager(x, target, start, from_logits, record_layers)
+            found = self._programs.get(key)
+            if found is not None:
+                self._programs.move_to_end(key)
+        if found is None:  # first call of its kind: eager, and what the output looks like is noted
+            res = self._eager(x, target, start, from_logits, record_layers)
+            with self._lock:
+                self._programs[key] = _Recording(tuple(res._z.shape), res._z.device, res._binary)
+                while len(self._programs) > self._limit:
+                    self._programs.popitem(last=False)
+            return res
+        idx = None if target is None else found.indices(target)
+        targets = [] if idx is None else [idx]
+        program = found.program
+        if program is not None and program.fresh():
+            replayed = program([*inputs, *targets], tensors)
+            if replayed is not None:
+                self._count("replayed")
+                return Explanation(**replayed)
+            if program.mismatches >= _MISMATCHES:
+                found.program = None
+                found.refused = self.why_not_replayed = (
+                    f"a value read into Python while recording (by the model: an if on a tensor, .item(), "
+                    f".tolist(); or by a rule choosing its path) differed from the recording, or the program "
+                    f"failed, in {_MISMATCHES} calls")
+            return self._eager(x, target, start, from_logits, record_layers)
+        with self._lock:
+            busy, found.recording = found.recording, True
+        if found.refused is not None or busy:  # not replayable, or another thread is recording it
+            return self._eager(x, target, start, from_logits, record_layers)
+
+        def run(flat: Sequence[Tensor]) -> dict:
+            given = list(flat[:len(inputs)])
+            with targets_checked():
+                res = _explain(self.model, given if several else given[0], flat[len(inputs)] if targets else None,
+                               self.composite, start, from_logits, record_layers, self.eval_mode, None)
+            return {f.name: getattr(res, f.name) for f in fields(res)}
+
+        try:
+            result, found.program, reason = record(run, [*inputs, *targets, *tensors], len(inputs) + len(targets))
+        finally:
+            found.recording = False
+        if found.program is None:
+            found.refused = self.why_not_replayed = reason
+            if result is None:  # the recording stopped part way
+                return self._eager(x, target, start, from_logits, record_layers)
+            self._count("eager")  # explained, under the tracer, but not to be replayed
+            return Explanation(**result)
+        self._count("recorded")
+        return Explanation(**result)
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self.calls[kind] += 1
+
+    def _eager(self, x: Inputs, target: TargetSpec, start: StartSpec, from_logits: bool,
+               record_layers: bool) -> Explanation:
+        self._count("eager")
         return _explain(self.model, x, target, self.composite, start, from_logits, record_layers, self.eval_mode,
                         self.cache)
 
     def clear(self) -> None:
-        """Drop the weight-derived tensors kept between calls."""
+        """Drop the recorded programs and the weight-derived tensors kept between calls."""
         self.cache.clear()
+        with self._lock:
+            self._programs.clear()
 
     def __repr__(self) -> str:
         return f"Explainer({type(self.model).__name__}, composite={self.composite.name!r})"
+
+
+_MISMATCHES = 3  # replays discarded (see lrp.engine.values) before a kind of call is explained eagerly for good
+
+
+@dataclass
+class _Recording:
+    """What the first call of one kind showed (the scores' shape and device, and whether they are one logit
+    before a sigmoid), the program recorded from the second, or why there is none."""
+
+    shape: tuple
+    device: torch.device
+    binary: bool
+    program: Optional[Program] = None
+    refused: Optional[str] = None
+    recording: bool = False
+
+    def indices(self, target: TargetSpec) -> Optional[Tensor]:
+        """``target`` as one class index per sample (``None`` for one score per sample without a sigmoid),
+        checked against the scores as ``explain`` checks it, on a stand-in of their shape that holds one
+        element (the checks read only the shape and device)."""
+        scores = torch.zeros((), device=self.device).expand(self.shape)
+        return binary_targets(scores, target) if self.binary else class_targets(scores, target)
 
 
 def _forward(model: torch.nn.Module, trace: Trace, leaves: list[Tensor]) -> Tensor:
@@ -299,7 +421,7 @@ def _unread_ids(trace: Trace, leaves: list[Tensor]) -> list[int]:
         if t.is_floating_point():
             continue
         end = start + t.numel()
-        if not any(bool(((p >= start) & (p < end)).any()) for p in trace.token_positions):
+        if not any(values.read(((p >= start) & (p < end)).any()) for p in trace.token_positions):
             unread.append(k)
         start = end
     return unread

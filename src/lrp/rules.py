@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from .engine import values
 from .engine.precision import to_working, working_dtype
 from .engine.layers import LinearOp
 
@@ -92,7 +93,7 @@ class LayerContext:
         return 0.0 if self.bias is None else self.bias_out(self.bias.clamp(max=0))
 
     def has_negative_input(self) -> bool:
-        return not self.nonnegative and bool(self.a.amin() < 0)
+        return not self.nonnegative and values.read(self.a.amin() < 0)
 
 
 class LayerRule:

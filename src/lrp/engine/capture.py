@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..composites import Composite, module_rule_for
 from ..errors import RuleError, UnsupportedOperationError
-from . import keras, ops, optable, signs, ssm
+from . import keras, ops, optable, signs, ssm, values
 from .functions import ModuleRuleFunction
 from .records import BatchNormRecord, LayerRecord, TensorFacts
 from .trees import gradient_free, map_tensors, needs_grad, tensors
@@ -667,9 +667,10 @@ def _shares_elements(a: Tensor, b: Tensor, base: Tensor) -> bool:
     size = base.untyped_storage().nbytes() // base.element_size()
     if a.dtype != base.dtype or b.dtype != base.dtype or max(_extent(a), _extent(b)) > size:
         return True  # not comparable element by element: assume they do
-    marks = torch.zeros(size, dtype=torch.bool, device=base.device)
-    marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
-    return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
+    with values.untraced():  # layouts only
+        marks = torch.zeros(size, dtype=torch.bool, device=base.device)
+        marks.as_strided(a.shape, a.stride(), a.storage_offset()).fill_(True)
+        return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset()).any())
 
 
 class _Capture:

@@ -13,6 +13,7 @@ import torch
 from ..errors import RuleError
 from ..rules import stabilize
 from .precision import no_autocast, restore, to_working, working_dtype
+from . import values
 
 Tensor = torch.Tensor
 
@@ -44,7 +45,7 @@ class LayerFunction(torch.autograd.Function):
         record = ctx.record
         z = record.held_output()
         dtype = working_dtype(a, z, g, record.weight)
-        with no_autocast(ctx.device_type):
+        with no_autocast(ctx.device_type), values.watched():  # a rule of the user's may read values
             g_a = record.propagation.layer_backward(record, None if a is None else to_working(a, dtype),
                                                     to_working(z, dtype), to_working(g, dtype))
         return (None if g_a is None else restore(g_a, ctx.dtype)), None, None, None
@@ -133,7 +134,7 @@ class ModuleRuleFunction(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor):
         x, y = ctx.saved_tensors
         dtype = working_dtype(x, y, g)
-        with no_autocast(x.device.type):
+        with no_autocast(x.device.type), values.watched():  # a rule of the user's may read values
             x_, y_ = to_working(x, dtype), to_working(y, dtype)
             relevance_in = ctx.rule.relevance(x_, y_, to_working(g, dtype) * y_)
             if relevance_in.shape != x.shape:

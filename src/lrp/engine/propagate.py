@@ -25,7 +25,7 @@ from .records import LayerRecord, op_key
 Tensor = torch.Tensor
 
 
-def _identity_of(value: Any, fingerprints: Optional[dict[int, int]] = None) -> Any:
+def _identity_of(value: Any, fingerprints: Optional[dict[int, tuple]] = None) -> Any:
     """What a cached tensor built from ``value`` depends on: for a tensor, the object, its version counter
     (bumped by every in-place change), its storage and, across calls, a fingerprint of its values; other
     values (numbers, ``None``) as they are."""
@@ -35,24 +35,33 @@ def _identity_of(value: Any, fingerprints: Optional[dict[int, int]] = None) -> A
     return value
 
 
-def fingerprints(tensors: list[Tensor]) -> dict[int, int]:
-    """A hash of each tensor's values (``torch.hash_tensor``: the XOR of the elements' bits, so any change to
-    the values shows, a permutation of equal bits does not), read with one transfer per device."""
+def fingerprints(tensors: list[Tensor]) -> dict[int, tuple]:
+    """A fingerprint of each tensor's values, read with one transfer per device: ``torch.hash_tensor`` (the XOR
+    of the elements' bits) and the sum in float64. Any change that is not a permutation of the values shows in
+    one of the two (the XOR alone misses a sign flip of an even number of elements, or equal values written
+    over equal values of another count's parity)."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
-    found: dict[int, int] = {}
+    found: dict[int, tuple] = {}
     with torch.no_grad():
         for group in by_device.values():
-            values = torch.stack([_hash(t) for t in group]).tolist()
-            found.update(zip((id(t) for t in group), values))
+            hashes = torch.stack([_hash(t) for t in group]).tolist()
+            sums = torch.stack([_sum(t) for t in group]).tolist()
+            found.update(zip((id(t) for t in group), zip(hashes, sums)))
     return found
 
 
 def _hash(t: Tensor) -> Tensor:
     if hasattr(torch, "hash_tensor"):  # torch >= 2.8
         return torch.hash_tensor(t) if t.numel() else torch.zeros((), dtype=torch.uint64, device=t.device)
-    return t.double().sum()  # pragma: no cover - older torch: the sum shows nearly every change
+    return torch.zeros((), dtype=torch.int64, device=t.device)  # pragma: no cover - older torch: the sum only
+
+
+def _sum(t: Tensor) -> Tensor:
+    if t.is_complex():
+        return torch.view_as_real(t).sum(dtype=torch.float64)
+    return t.sum(dtype=torch.float64) if t.dtype != torch.bool else t.sum().double()
 
 
 def _frozen_value(value: Any) -> Any:
@@ -183,7 +192,7 @@ class Propagation:
             self._bases[layer.index] = base
             self._pending[base] = self._pending.get(base, 0) + 1
 
-    def _base(self, layer: LayerRecord, prints: Optional[dict[int, int]]) -> tuple:
+    def _base(self, layer: LayerRecord, prints: Optional[dict[int, tuple]]) -> tuple:
         """What a weight-derived tensor of ``layer`` may depend on: the weights (and a merged BatchNorm's
         statistics), the op's parameters (stride, padding, dilation, groups, ...: the flat count, the w^2 sum
         and the z^B offset depend on them), the rule and its parameters, the shape of one input sample, the
@@ -305,7 +314,9 @@ class Propagation:
             elif id_total.dtype != per_id.dtype:  # embeddings of different dtypes read the ids
                 dtype = torch.promote_types(id_total.dtype, per_id.dtype)
                 id_total, per_id = id_total.to(dtype), per_id.to(dtype)
-            id_total.index_add_(0, at[keep], per_id[keep])
+            # no boolean indexing (an output shape that depends on values, which a replay cannot repeat): the
+            # dropped ones add zero at position 0
+            id_total.index_add_(0, at.clamp(min=0), torch.where(keep, per_id, 0))
         start = 0
         for k in id_inputs:
             n = inputs[k].numel()

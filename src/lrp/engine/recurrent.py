@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOperationError
+from . import values
 
 Tensor = torch.Tensor
 # one step of a cell: (input at t, state) -> state; the state is (h,) or (h, c), the output is its first element
@@ -126,7 +127,7 @@ def _recurrent(kind: str, data: Tensor, batch_sizes: Optional[Tensor], hx: tuple
     directions = 2 if bidirectional else 1
     cells = _layers(kind, params, has_biases, num_layers, directions, nonlinearity)
     if batch_sizes is not None:
-        sizes = [int(s) for s in batch_sizes.tolist()]
+        sizes = [int(s) for s in values.guard(batch_sizes).tolist()]  # a guard when recorded for replay
         offsets = [0]
         for s in sizes:
             offsets.append(offsets[-1] + s)

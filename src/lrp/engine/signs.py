@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import optable
+from . import optable, values
 from .trees import tensors
 
 Tensor = torch.Tensor
@@ -33,7 +33,7 @@ def known_nonnegative(t: Tensor, known: Known) -> bool:
         return True
     if t.is_complex():
         return False
-    return bool((t >= 0).all())  # NaN is not >= 0
+    return values.read((t >= 0).all())  # NaN is not >= 0
 
 
 def output_nonnegative(name: str, args: tuple, kwargs: dict, known: Known) -> bool:
@@ -79,7 +79,7 @@ def _difference_or_ratio_nonnegative(name: str, args: tuple, kwargs: dict, known
     if name in optable.DIVISION:
         if _is_number(y):
             return y > 0
-        return isinstance(y, Tensor) and not y.requires_grad and not y.is_complex() and bool((y > 0).all())
+        return isinstance(y, Tensor) and not y.requires_grad and not y.is_complex() and values.read((y > 0).all())
     alpha: Any = kwargs.get("alpha", 1)
     if not _is_number(alpha):
         return False
@@ -91,4 +91,4 @@ def _difference_or_ratio_nonnegative(name: str, args: tuple, kwargs: dict, known
         return False
     if alpha < 0:
         return known_nonnegative(y, known)
-    return not y.requires_grad and (y.dtype == torch.bool or bool((y <= 0).all()))
+    return not y.requires_grad and (y.dtype == torch.bool or values.read((y <= 0).all()))

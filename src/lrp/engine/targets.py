@@ -3,7 +3,9 @@ that carries it into the backward (``out * g`` is the start relevance)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -13,6 +15,20 @@ from .precision import restore, to_working, working_dtype
 Tensor = torch.Tensor
 TargetSpec = Union[None, int, Sequence[int], Tensor]
 StartSpec = Union[str, Tensor]
+
+
+_CHECKED: ContextVar[bool] = ContextVar("lrp_targets_checked", default=False)
+
+
+@contextmanager
+def targets_checked() -> Iterator[None]:
+    """The targets given were checked against the output's shape already (``lrp.Explainer`` does so before it
+    records a call): skip the checks that read their values, which a recording cannot hold."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def model_output(out: object) -> Tensor:
@@ -55,7 +71,7 @@ def class_targets(out: Tensor, target: TargetSpec) -> Optional[Tensor]:
     if out.ndim == 1:
         if target is not None:
             idx = class_indices(target, n, out.device)
-            if bool((idx != 0).any()):
+            if not _CHECKED.get() and bool((idx != 0).any()):
                 raise TargetError(f"the model output has shape {tuple(out.shape)} (one score per sample), so the "
                                   f"only target is 0 (the score); got {_shown(target)}: {_ONE_SCORE}")
         return None
@@ -70,7 +86,7 @@ def class_targets(out: Tensor, target: TargetSpec) -> Optional[Tensor]:
         return out.argmax(1)
     idx = class_indices(target, n, out.device)
     bad = (idx < 0) | (idx >= classes)
-    if bool(bad.any()):
+    if not _CHECKED.get() and bool(bad.any()):
         if classes == 1:
             raise TargetError(f"the model output has shape {tuple(out.shape)} (one score per sample), so the only "
                               f"target is 0 (the score); got {idx[bad][0].item()}: {_ONE_SCORE}")
@@ -90,7 +106,7 @@ def binary_targets(z: Tensor, target: TargetSpec) -> Tensor:
         return (z.detach().reshape(n) > 0).long()
     idx = class_indices(target, n, z.device)
     bad = (idx < 0) | (idx > 1)
-    if bool(bad.any()):
+    if not _CHECKED.get() and bool(bad.any()):
         raise TargetError(f"target {idx[bad][0].item()} is out of range: the model ends in a sigmoid over one score, "
                           f"so it has two classes, 1 (positive, explained from the logit z) and 0 (negative, "
                           f"explained from -z)")

@@ -1,0 +1,434 @@
+"""Replay: record one explanation as a straight-line program of ATen operations, then run that program again.
+
+An explanation is a forward with the capture's analysis of every operation, then ``torch.autograd.grad``
+through the rules' autograd functions. For inputs of a shape seen before, all of that Python work gives the
+same sequence of tensor operations again. :func:`record` runs one explanation under ``make_fx`` (torch's
+real-tensor tracer), which writes down every ATen operation of the forward and of the backward with the rules
+in it; :class:`Program` runs them again with the inputs, the model's current parameters and buffers and the
+targets as arguments. Nothing of the model's Python, the capture or autograd runs then.
+
+A program is only as good as the assumptions it was recorded under:
+
+- every value read into Python while recording (``if x.sum() > 0``, ``.item()``, ``.tolist()``, and the
+  engine's own reads) is a guard (:mod:`lrp.engine.values`): the program recomputes it and a replay whose
+  guards differ from the recording gives ``None``, so that the caller explains eagerly;
+- a recording is refused when the explanation ran an operation whose output shape depends on values
+  (``nonzero``, ``unique``, boolean-mask indexing), or one the tracer cannot follow.
+
+What a program cannot see is checked by :class:`ModelState` on every call, and a change records anew: the
+identity of every parameter, buffer and tensor attribute (their values are arguments, so weights changed in
+place need nothing), the module tree, modes, hooks and the modules' plain attributes (numbers, strings,
+flags and the identity of other objects). Tensors the program holds as constants (created outside the model's
+parameters and buffers, e.g. a global tensor) are checked by version counter.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..errors import LRPError
+from . import values
+from .propagate import fingerprints
+
+Tensor = torch.Tensor
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+class ModelState:
+    """What a recorded program assumes about the model, compared by identity: every module, the objects its
+    attributes hold (numbers, strings, flags, tuples, other objects; one changed in place is not seen), its
+    parameters, buffers and hooks, and, with ``modes``, its training flag. The objects are held, so an
+    identity cannot be reused by a new object while this state exists. (A tensor whose data is replaced by
+    one of another shape or dtype through ``.data =`` stays the same object: the program then fails on it.)"""
+
+    def __init__(self, model: torch.nn.Module, modes: bool, rules: Any = None):
+        held: list[Any] = []
+        counts: list[int] = []
+        self.rule_tensors: list[Tensor] = []
+        for part in rules or ():
+            _walk(part, held, counts, self.rule_tensors, 8)
+        hooks = torch.nn.modules.module
+        for name in _GLOBAL_HOOKS:
+            held.extend(getattr(hooks, name, {}).values())
+        classes: set[type] = set()
+        for module in model.modules():
+            if type(module) not in classes:  # class attributes and methods (a patched forward)
+                classes.add(type(module))
+                held.append(type(module))
+                held.extend(vars(type(module)).values())
+            attributes = module.__dict__
+            held.append(module)
+            counts.append(len(attributes))
+            if modes:
+                held.extend(attributes.values())
+            else:
+                held.extend([v for k, v in attributes.items() if k != "training"])
+            for owned in (module._parameters, module._buffers):
+                held.extend(owned.values())
+                counts.append(len(owned))
+            for name in _HOOK_DICTS:
+                found = attributes.get(name)
+                if found:
+                    held.extend(found.values())
+                    counts.append(len(found))
+        self.model = model
+        self.held = held
+        self.counts = counts
+        self._tensors: Optional[list[Tensor]] = None
+        self._storages: Optional[list[int]] = None
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """Every parameter, buffer and tensor attribute of the model, once each, in module order, then the
+        tensors the rules hold: a program takes them as arguments, so their current values are always used."""
+        if self._tensors is None:
+            found: dict[int, Tensor] = {id(t): t for t in self.rule_tensors}
+            for module in self.model.modules():
+                for t in [*module._parameters.values(), *module._buffers.values(), *module.__dict__.values()]:
+                    if isinstance(t, Tensor):
+                        found.setdefault(id(t), t)
+            self._tensors = list(found.values())
+            self._storages = [t.data_ptr() for t in self._tensors]
+        return self._tensors
+
+    def same(self, other: Optional["ModelState"]) -> bool:
+        """Whether ``other`` (an earlier state) holds the same objects, and its tensors the same storage (``.to``,
+        ``.double()`` or ``channels_last`` keep a parameter object and give it new storage)."""
+        if other is None or self.counts != other.counts or len(self.held) != len(other.held):
+            return False
+        if not all(map(operator.is_, self.held, other.held)):
+            return False
+        return [t.data_ptr() for t in other.tensors] == other._storages
+
+
+def _walk(value: Any, held: list[Any], counts: list[int], tensors: list[Tensor], depth: int) -> None:
+    """Rules and what they hold (a composite's tables, rule objects' attributes, lists, nested to ``depth``)
+    into ``held`` by identity; tensors among them also into ``tensors``."""
+    held.append(value)
+    if isinstance(value, Tensor):
+        tensors.append(value)
+        return
+    if depth == 0 or isinstance(value, (str, bytes, int, float, type)) or value is None:
+        return
+    if isinstance(value, dict):
+        counts.append(len(value))
+        for k, v in value.items():
+            held.append(k)
+            _walk(v, held, counts, tensors, depth - 1)
+    elif isinstance(value, (list, tuple)):
+        counts.append(len(value))
+        for v in value:
+            _walk(v, held, counts, tensors, depth - 1)
+    elif hasattr(value, "__dict__"):
+        attributes = vars(value)
+        counts.append(len(attributes))
+        for v in attributes.values():
+            _walk(v, held, counts, tensors, depth - 1)
+
+
+def input_signature(inputs: Sequence[Tensor]) -> tuple:
+    """What a program is specialised to about its inputs: shapes, strides, dtypes and devices."""
+    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+
+
+def global_state() -> tuple:
+    """Torch settings that change which operations run: autocast (per device type) and the default dtype."""
+    state: list[Any] = [torch.get_default_dtype()]
+    for device in ("cpu", "cuda", "mps", "xpu"):
+        try:
+            if torch.is_autocast_enabled(device):
+                state.append((device, torch.get_autocast_dtype(device)))
+        except (RuntimeError, TypeError):  # pragma: no cover - a device type this torch does not know
+            continue
+    return tuple(state)
+
+
+def _flatten(value: Any, leaves: list[Tensor]) -> Any:
+    """``value`` (nested dicts, lists, tuples, tensors, other objects) with every tensor replaced by its
+    position in ``leaves``."""
+    if isinstance(value, Tensor):
+        leaves.append(value)
+        return _Leaf(len(leaves) - 1)
+    if isinstance(value, dict):
+        return {k: _flatten(v, leaves) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_flatten(v, leaves) for v in value)
+    return value
+
+
+def _unflatten(template: Any, leaves: Sequence[Tensor]) -> Any:
+    if isinstance(template, _Leaf):
+        return leaves[template.index]
+    if isinstance(template, dict):
+        return {k: _unflatten(v, leaves) for k, v in template.items()}
+    if isinstance(template, (list, tuple)):
+        return type(template)(_unflatten(v, leaves) for v in template)
+    return template
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    index: int
+
+
+def _dynamic(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s output shape (or a Python value it gives) depends on tensor values."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    tags = target.tags
+    if torch.Tag.data_dependent_output in tags:
+        return True
+    if torch.Tag.dynamic_output_shape not in tags:
+        return False
+    if target is torch.ops.aten.index.Tensor:  # dynamic only with boolean masks among the indices
+        indices = node.args[1] if len(node.args) > 1 else []
+        return any(isinstance(i, torch.fx.Node) and _meta_dtype(i) in (torch.bool, torch.uint8, None)
+                   for i in indices)  # type: ignore[union-attr]
+    return True
+
+
+def _meta_dtype(node: torch.fx.Node) -> Optional[torch.dtype]:
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    return getattr(value, "dtype", None)
+
+
+class Program:
+    """One recorded explanation: ``program(dynamic, state)`` runs its ATen operations on new inputs and targets
+    (``dynamic``) and the model's tensors (``state``, as :class:`ModelState` lists them) and gives the result
+    shaped as the recorded one.
+
+    What depends on the model's tensors alone (``W+``, a merged BatchNorm's weights, flat counts, ...) is split
+    off into a second program that runs only when one of those tensors (or a constant it reads) has changed:
+    another object, version counter, storage, or fingerprint of its values (:func:`fingerprints`, as the eager
+    path keys its cache)."""
+
+    def __init__(self, graph: torch.fx.GraphModule, template: Any, dynamic: int, expected: list[Tensor]):
+        self.template = template
+        self.expected = expected  # the values read into Python while recording (see lrp.engine.values)
+        self.mismatches = 0
+        self.constants = [(t, t._version) for name, t in _constants(graph)]
+        self.operations = sum(1 for n in graph.graph.nodes if n.op == "call_function")
+        split = _split(graph, dynamic)
+        self.prepare, self.main, self.sources, self.written = split
+        self.prepare_constants = [t for _, t in _constants(self.prepare)] if self.prepare is not None else []
+        self.prepared: Optional[tuple[tuple, list[Tensor]]] = None
+
+    def fresh(self) -> bool:
+        """Whether no tensor held as a constant has been changed in place since the recording."""
+        return all(t._version == version for t, version in self.constants)
+
+    def __call__(self, dynamic: Sequence[Tensor], state: Sequence[Tensor]) -> Optional[Any]:
+        """The result, or ``None`` when a value the recording read into Python (see :mod:`lrp.engine.values`)
+        is not what it was, or the program failed on these arguments: the caller then explains eagerly. Model
+        tensors the program writes (a buffer updated in ``forward``) are then as they were before the call."""
+        saved = [(t, t.clone()) for t in (state[k] for k in self.written)]
+        # The recorded operations already hold autocast's casts, and the rules compute in float32 on purpose:
+        # autocast must not cast them again, and nothing needs autograd.
+        try:
+            with torch.no_grad(), _no_autocast():
+                leaves = self.main(*dynamic, *state, *self._folded(state))
+                if self.expected:
+                    guards = leaves[len(leaves) - len(self.expected):]
+                    leaves = leaves[:len(leaves) - len(self.expected)]
+                    if not all(torch.equal(g, e) for g, e in zip(guards, self.expected)):
+                        raise _Mismatch
+        except Exception:  # another path than this call needs: the caller explains it eagerly
+            self.mismatches += 1
+            with torch.no_grad():
+                for t, before in saved:
+                    t.copy_(before)
+            return None
+        return _unflatten(self.template, leaves)
+
+    def _folded(self, state: Sequence[Tensor]) -> list[Tensor]:
+        if self.prepare is None:
+            return []
+        used = [state[k] for k in self.sources] + self.prepare_constants
+        found = fingerprints(used)
+        key = tuple((id(t), t._version, t.data_ptr(), found[id(t)]) for t in used)
+        prepared = self.prepared
+        if prepared is None or prepared[0] != key:
+            prepared = self.prepared = (key, list(self.prepare(*state)))
+        return prepared[1]
+
+
+class _Mismatch(Exception):
+    """A guard of a replay differs from the recording."""
+
+
+def _aliased(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes whose storage ``node``'s result may share: the input of a view (also ``_unsafe_view`` and the
+    items of ``unbind``/``split``, reached through ``getitem``), the argument an in-place or ``out=`` op
+    returns."""
+    target = node.target
+    if node.op != "call_function":
+        return []
+    if target is operator.getitem:
+        return [a for a in node.args[:1] if isinstance(a, torch.fx.Node)]
+    if not isinstance(target, torch._ops.OpOverload):
+        return []
+    schema = target._schema
+    if target.is_view or target is torch.ops.aten._unsafe_view.default:
+        return [a for a in node.args[:1] if isinstance(a, torch.fx.Node)]
+    sets = set()
+    for returned in schema.returns:
+        if returned.alias_info is not None:
+            sets |= set(returned.alias_info.before_set)
+    found = []
+    for argument, value in _bound(node):
+        if argument.alias_info is not None and set(argument.alias_info.before_set) & sets:
+            found += [v for v in (value if isinstance(value, (list, tuple)) else [value])
+                      if isinstance(v, torch.fx.Node)]
+    return found
+
+
+def _bound(node: torch.fx.Node) -> list[tuple[Any, Any]]:
+    """(schema argument, value) for each argument of an ATen op node, positional or keyword."""
+    arguments = node.target._schema.arguments  # type: ignore[union-attr]
+    return [(a, node.args[k] if k < len(node.args) else node.kwargs.get(a.name)) for k, a in enumerate(arguments)]
+
+
+def _written(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Every node whose storage some operation writes into: the written arguments of in-place and ``out=`` ops
+    and everything they may share storage with, back to the base."""
+    written: set[torch.fx.Node] = set()
+    todo: list[torch.fx.Node] = []
+    for node in nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            for argument, value in _bound(node):
+                if argument.alias_info is not None and argument.alias_info.is_write:
+                    todo += [v for v in (value if isinstance(value, (list, tuple)) else [value])
+                             if isinstance(v, torch.fx.Node)]
+    while todo:
+        node = todo.pop()
+        if node not in written:
+            written.add(node)
+            todo += _aliased(node)
+    return written
+
+
+def _split(graph: torch.fx.GraphModule, dynamic: int
+           ) -> tuple[Optional[torch.fx.GraphModule], torch.fx.GraphModule, list[int], list[int]]:
+    """``graph`` (placeholders: ``dynamic`` inputs, then the model's tensors) as a program of what depends on
+    the model's tensors alone, a main program that takes its results as further arguments, the positions
+    among the model's tensors that the first reads, and those of the model's tensors the program writes. A
+    value some operation writes into (or one that may share its storage) is not split off, nor are random
+    operations; where the recording writes into a model tensor (a buffer updated in ``forward``), nothing is."""
+    nodes = list(graph.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    written = _written(nodes)
+    state = placeholders[dynamic:]
+    writes = [k for k, p in enumerate(state) if p in written]
+    if writes:
+        return None, graph, [], writes
+    static: set[torch.fx.Node] = set(state)
+    for node in nodes:
+        if node in written:
+            continue
+        if node.op == "get_attr":
+            static.add(node)
+        elif node.op == "call_function" and node.all_input_nodes and all(a in static for a in node.all_input_nodes):
+            target = node.target
+            seeded = isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+            if not seeded:
+                static.add(node)
+    frontier = [n for n in nodes if n in static and n.op != "placeholder"
+                and any(u not in static for u in n.users)]
+    if not any(n.op == "call_function" for n in frontier):
+        return None, graph, [], []
+    prepare = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in nodes:
+        if node in static:
+            env[node] = prepare.node_copy(node, lambda n: env[n])
+    prepare.output([env[n] for n in frontier])
+    main = torch.fx.Graph()
+    main_env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in placeholders:
+        main_env[node] = main.node_copy(node, lambda n: main_env[n])
+    for k, node in enumerate(frontier):
+        main_env[node] = main.placeholder(f"folded_{k}")
+    for node in nodes:
+        if node.op != "placeholder" and node not in main_env and node not in static:
+            main_env[node] = main.node_copy(node, lambda n: main_env[n])
+    prepare.eliminate_dead_code()
+    used = {n.target for n in prepare.nodes if n.op == "placeholder" and n.users}
+    sources = [k for k, p in enumerate(state) if p.target in used]
+    return torch.fx.GraphModule(graph, prepare), torch.fx.GraphModule(graph, main), sources, []
+
+
+def _constants(graph: torch.fx.GraphModule) -> list[tuple[str, Tensor]]:
+    found = []
+    for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(graph, str(node.target), None)
+            if isinstance(value, Tensor):
+                found.append((str(node.target), value))
+    return found
+
+
+class _no_autocast:
+    """Autocast off on every device type that has it on (nothing to do, and no cost, when none has)."""
+
+    def __enter__(self) -> None:
+        self.contexts = []
+        for device, _ in global_state()[1:]:
+            context = torch.autocast(device, enabled=False)
+            context.__enter__()
+            self.contexts.append(context)
+
+    def __exit__(self, *exc: Any) -> None:
+        for context in reversed(self.contexts):
+            context.__exit__(*exc)
+
+
+_TRACER = threading.Lock()  # torch's tracer keeps state in module globals: one recording at a time
+
+
+def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], inputs: int
+           ) -> tuple[Any, Optional[Program], str]:
+    """Run ``run(args)`` once under torch's tracer and return its result, the :class:`Program` that repeats it
+    (``None`` where it cannot be replayed) and, then, the reason. The first ``inputs`` arguments change from
+    call to call; the rest are the model's tensors (:class:`ModelState`). ``run`` returns any nesting of dicts,
+    lists and tuples of tensors and other values; only its tensors are recomputed by the program, the rest is
+    kept. ``lrp``'s own errors propagate; another failure of the tracer leaves the caller to run eagerly."""
+    holder: dict[str, Any] = {}
+
+    def traced(*flat: Tensor) -> list[Tensor]:
+        with values.guarded() as guards:
+            result = run(flat)
+        leaves: list[Tensor] = []
+        holder["template"] = _flatten(result, leaves)
+        holder["result"] = result
+        holder["expected"] = [value for _, value in guards]  # real tensors, kept by the program
+        return leaves + [flag for flag, _ in guards]
+
+    from torch.fx.experimental.proxy_tensor import make_fx  # imported when first needed: it takes a while
+
+    buffers = [(t, t._version, t.clone()) for t in args[inputs:] if not isinstance(t, torch.nn.Parameter)]
+    try:
+        with _TRACER:
+            graph = make_fx(traced, tracing_mode="real", record_module_stack=False)(*args)
+    except Exception as exc:  # lrp's own error, the model's, or an operation the tracer cannot follow
+        with torch.no_grad():  # buffers the forward wrote before it stopped: as they were, for the eager call
+            for t, version, before in buffers:
+                if t._version != version:
+                    t.copy_(before)
+        if isinstance(exc, LRPError):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return None, None, f"the tracer stopped: {type(exc).__name__}: {first}"
+    dynamic = [n for n in graph.graph.nodes if n.op == "call_function" and _dynamic(n)]
+    if dynamic:
+        return holder["result"], None, f"{dynamic[0].target} gives a result whose shape depends on the data"
+    return holder["result"], Program(graph, holder["template"], inputs, holder["expected"]), ""
