@@ -1,13 +1,15 @@
 """Throughput of ``lrp explain --store zarr`` (files decoded by DataLoader workers, explained, written to Zarr) next
-to ``lrp.explain`` alone on the same batches, already decoded, in the same run.
+to the explainer alone (``lrp.Explainer``, as the run uses it) on the same batches, already decoded, in the same
+run.
 
     .venv/bin/python benchmarks/scale.py [--digits N] [--batch B] [--repeats R] [--gpu-images N] [--out FILE]
 
 Rows: MNIST digits (PNG files written from the shipped mnist10k.npz), the built-in model, epsilon-plus-flat, on
 the CPU with 1 process and with 2 processes (torchrun --standalone --nproc-per-node 2, gloo; torchrun gives each
 rank one thread); and, where CUDA is available, torchvision ResNet50 (random weights) on 224x224 crops of
-random 256x256 JPEGs on the GPU (1 process). The reference of each row is ``lrp.explain`` over the same batches
-in the same arrangement: in this process for 1 process (timed with 1 torch thread and with torch's default, one
+random 256x256 JPEGs on the GPU (1 process). The reference of each row is one ``lrp.Explainer`` (called twice on
+the first batch before the clock starts, so that batches of the full size replay its recorded program, as in the
+run) over the same batches in the same arrangement: in this process for 1 process (timed with 1 torch thread and with torch's default, one
 per core, and the faster taken: the run itself uses the cores less its DataLoader workers, so 1 thread on 2
 cores), and under the same torchrun (each rank its round-robin share of the chunks, as the run gives it, with
 torchrun's 1 thread) for 2. The pipeline's items/s is what the run reports: its inputs over
@@ -60,18 +62,20 @@ def batches_of(rows: list[int], batch: int, chunk: int) -> list[list[int]]:
 
 def reference(model: torch.nn.Module, x: torch.Tensor, batch: int, chunk: int, rank: int = 0, world: int = 1,
               device: str = "cpu") -> float:
-    """Items/s of ``lrp.explain`` alone over this rank's share of the run's batches (one warm-up call first)."""
+    """Items/s of an ``lrp.Explainer`` alone over this rank's share of the run's batches (two warm-up calls
+    first: the eager one and the recording)."""
     chunks = -(-len(x) // chunk)
     mine = [r for k in range(chunks)[rank::world] for r in range(k * chunk, min((k + 1) * chunk, len(x)))]
     todo = [x[b].to(device) for b in batches_of(mine, batch, chunk)]
-    lrp.explain(model, todo[0])
+    explainer = lrp.Explainer(model)
+    explainer(todo[0]), explainer(todo[0])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if world > 1:
         torch.distributed.barrier()
     sync()
     start = time.perf_counter()
     for xb in todo:
-        lrp.explain(model, xb).relevance.cpu()
+        explainer(xb).relevance.cpu()
     sync()
     if world > 1:
         torch.distributed.barrier()
@@ -100,7 +104,7 @@ def pipeline_rate(command: list[str], cwd: Path) -> float:
 
 
 def rank_reference(args: argparse.Namespace) -> None:
-    """Under torchrun: each rank times ``lrp.explain`` on its share; rank 0 prints the items/s."""
+    """Under torchrun: each rank times an ``lrp.Explainer`` on its share; rank 0 prints the items/s."""
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     x = torch.load(args.rank_reference, weights_only=True)
@@ -131,7 +135,7 @@ def cpu_rows(args: argparse.Namespace, work: Path) -> list[tuple]:
                                       str(args.batch)], cwd=work, capture_output=True, text=True, timeout=1800)
                 refs.append(float(re.search(r"REFERENCE ([\d.]+)", ref.stdout).group(1)))
                 runs.append(pipeline_rate([*torchrun, *lrp_cmd, *out], work))
-            print(f"  MNIST CPU, {procs} process(es), repeat {r + 1}: lrp.explain {refs[-1]:.0f}/s ({threads} "
+            print(f"  MNIST CPU, {procs} process(es), repeat {r + 1}: lrp.Explainer {refs[-1]:.0f}/s ({threads} "
                   f"thread(s) per process), pipeline {runs[-1]:.0f}/s, load {os.getloadavg()[0]:.1f}",
                   file=sys.stderr)
         rows.append((f"MNIST 28x28, CPU, {procs} process{'es' if procs > 1 else ''}", args.digits, args.batch,
@@ -184,7 +188,7 @@ def main() -> None:
             rows += gpu_rows(args, work)
         else:
             rows.append(("ResNet50 224x224, GPU", None, None, None, None))
-    table = ["| inputs | items | batch | lrp.explain items/s | pipeline items/s | ratio |",
+    table = ["| inputs | items | batch | lrp.Explainer items/s | pipeline items/s | ratio |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, n, batch, ref, run in rows:
         if ref is None:

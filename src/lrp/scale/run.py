@@ -2,7 +2,8 @@
 
 Rank 0 lists the inputs and creates (or, with ``resume``, checks) the store, then tells every rank the plan; each
 rank reads its rows with a ``DataLoader`` (worker processes decode and preprocess while the model runs),
-explains them a batch at a time with :func:`lrp.explain`, and writes each chunk, once all its rows are in, from a
+explains them a batch at a time with an :class:`lrp.Explainer` (what :func:`lrp.explain` gives; batches of one
+shape are recorded once and replayed), and writes each chunk, once all its rows are in, from a
 background thread. After a barrier rank 0 writes ``index.csv`` and ``errors.csv`` from the done markers.
 
 Test hook: with ``LRP_SCALE_CRASH_AFTER=K`` in the environment a process that has committed K chunks writes half
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, LRPError, ModelError, RuleError, TargetError, UnsupportedOperationError, one_line
-from ..explain import explain
+from ..explain import Explainer
 from .distributed import Ranks, share, start
 from .sources import Batch, ChunkBatches, Collate, Items, RowDataset, expand, list_items
 from .store import GROUP, Store, differences, file_sha256
@@ -225,10 +226,11 @@ def _explain_chunks(pipeline: Any, options: StoreOptions, plan: Plan, mine: list
     :func:`cpu_threads` torch threads, restored afterwards)."""
     target = plan.manifest["target"] if plan.manifest["target"] != "pred" else None
     kinds = {"array" if k == "array" else "image" for k in plan.items.kinds}
-    comps = {}
+    explainers = {}
     for kind in sorted(kinds):
-        comps[kind], note = pipeline.composite(options.composite, kind=kind, maxpool=options.maxpool,
-                                               low=options.low, high=options.high)
+        comp, note = pipeline.composite(options.composite, kind=kind, maxpool=options.maxpool, low=options.low,
+                                        high=options.high)
+        explainers[kind] = Explainer(pipeline.model, comp)  # batches of one shape: recorded once, then replayed
         if note and ranks.main:
             print(f"note: {options.composite}: {note}", file=sys.stderr)
     workers = default_workers() if options.workers is None else options.workers
@@ -238,14 +240,14 @@ def _explain_chunks(pipeline: Any, options: StoreOptions, plan: Plan, mine: list
     if threads is not None and threads != before:
         torch.set_num_threads(threads)
     try:
-        _explain_batches(pipeline, options, plan, mine, ranks, comps, target, workers, cuda)
+        _explain_batches(pipeline, options, plan, mine, ranks, explainers, target, workers, cuda)
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
 
 
 def _explain_batches(pipeline: Any, options: StoreOptions, plan: Plan, mine: list[int], ranks: Ranks,
-                     comps: dict, target: Optional[int], workers: int, cuda: bool) -> None:
+                     explainers: dict, target: Optional[int], workers: int, cuda: bool) -> None:
     """The loop of :func:`_explain_chunks`: read, explain and write this rank's batches."""
     from tqdm import tqdm
 
@@ -262,18 +264,18 @@ def _explain_batches(pipeline: Any, options: StoreOptions, plan: Plan, mine: lis
               disable=None if ranks.main else True) as bar:
         for batch in loader:
             for kind, (group, x) in batch.groups.items():
-                _explain_group(pipeline, group, x, target, comps[kind], writer, batch, options)
+                _explain_group(pipeline, group, x, target, explainers[kind], writer, batch, options)
             writer.add(batch.rows, batch.errors)
             bar.update(min(len(batch.rows) * ranks.world, bar.total - bar.n))
     writer.close()
 
 
-def _explain_group(pipeline: Any, group: list[int], x: torch.Tensor, target: Optional[int], comp: Any,
+def _explain_group(pipeline: Any, group: list[int], x: torch.Tensor, target: Optional[int], explainer: Explainer,
                    writer: "ChunkWriter", batch: Batch, options: StoreOptions) -> None:
     """Explain one stacked group of a batch; its rows go to the writer (or, when the model fails on them, to
     the batch's errors)."""
     try:
-        res = explain(pipeline.model, x.to(pipeline.device, non_blocking=True), target=target, composite=comp)
+        res = explainer(x.to(pipeline.device, non_blocking=True), target=target)
     except FATAL:
         raise
     except Exception as exc:  # a model/input mismatch: these rows fail, the run goes on
