@@ -395,6 +395,16 @@ class _no_autocast:
 _TRACER = threading.Lock()  # torch's tracer keeps state in module globals: one recording at a time
 
 
+def _one_fake_mode() -> Any:
+    """A tracing context with one fake-tensor mode, which the tracer then uses for the metadata of every value
+    it records; without one it builds a new mode per operation (each capturing a Python stack trace: most of
+    the cost of a recording)."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+
+
 def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], inputs: int
            ) -> tuple[Any, Optional[Program], str]:
     """Run ``run(args)`` once under torch's tracer and return its result, the :class:`Program` that repeats it
@@ -417,7 +427,7 @@ def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], input
 
     buffers = [(t, t._version, t.clone()) for t in args[inputs:] if not isinstance(t, torch.nn.Parameter)]
     try:
-        with _TRACER:
+        with _TRACER, _one_fake_mode():
             graph = make_fx(traced, tracing_mode="real", record_module_stack=False)(*args)
     except Exception as exc:  # lrp's own error, the model's, or an operation the tracer cannot follow
         with torch.no_grad():  # buffers the forward wrote before it stopped: as they were, for the eager call
