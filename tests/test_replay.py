@@ -685,3 +685,32 @@ def test_a_start_that_is_neither_a_name_nor_a_tensor_is_refused_as_explain_refus
     explainer = lrp.Explainer(Net().double().eval())
     with pytest.raises(lrp.TargetError):
         explainer(_image(), start=["score"])
+
+
+# ----------------------------------------------------------------------------- the device lane
+
+@pytest.mark.parametrize("case", ["net, epsilon-gamma-box", "resnet18", "token ids", "if on a tensor"])
+def test_replay_on_the_lane_device(device, case):
+    """On the device of ``LRP_TEST_DEVICE`` (``make test-gpu``): replays give what ``explain`` gives there, in
+    float64 (where kernels may sum in another order from call to call, to 1e-9)."""
+    if case == "net, epsilon-gamma-box":
+        model, x, comp = Net(), _image(), lrp.composite("epsilon-gamma-box", **BOUNDS)
+    elif case == "resnet18":
+        torch.manual_seed(0)
+        model, x, comp = torchvision.models.resnet18(num_classes=7), torch.randn(2, 3, 32, 32), "epsilon-plus-flat"
+    elif case == "token ids":
+        model, x, comp = TokenNet(), _ids(), "epsilon"
+    else:
+        model, x, comp = Branches(), _features(), "epsilon-plus-flat"
+    model = model.double().eval().to(device)
+    x = (x.double() if x.is_floating_point() else x).to(device)
+    explainer = lrp.Explainer(model, comp)
+    for seed in range(5):
+        xs = _varied(x.cpu(), seed).to(device)
+        if case == "if on a tensor" and seed == 4:
+            xs = -xs.abs()  # the other branch: explained eagerly
+        res, ref = explainer(xs), lrp.explain(model, xs, composite=comp)
+        assert res.relevance.device == xs.device
+        torch.testing.assert_close(res.relevance, ref.relevance, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(res.output, ref.output, rtol=1e-9, atol=1e-12)
+    assert explainer.calls["replayed"] >= 2

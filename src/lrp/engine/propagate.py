@@ -37,9 +37,9 @@ def _identity_of(value: Any, fingerprints: Optional[dict[int, tuple]] = None) ->
 
 def fingerprints(tensors: list[Tensor]) -> dict[int, tuple]:
     """A fingerprint of each tensor's values, read with one transfer per device: ``torch.hash_tensor`` (the XOR
-    of the elements' bits) and the sum in float64. Any change that is not a permutation of the values shows in
-    one of the two (the XOR alone misses a sign flip of an even number of elements, or equal values written
-    over equal values of another count's parity)."""
+    of the elements' bits) and the sum (in the tensor's dtype: no copy). A change that is not a permutation of
+    the values shows in one of the two, but for a rounding coincidence (the XOR alone misses a sign flip of an
+    even number of elements, or equal values written over equal values of another count's parity)."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
@@ -60,8 +60,8 @@ def _hash(t: Tensor) -> Tensor:
 
 def _sum(t: Tensor) -> Tensor:
     if t.is_complex():
-        return torch.view_as_real(t).sum(dtype=torch.float64)
-    return t.sum(dtype=torch.float64) if t.dtype != torch.bool else t.sum().double()
+        t = torch.view_as_real(t)
+    return t.sum().double()
 
 
 def _frozen_value(value: Any) -> Any:

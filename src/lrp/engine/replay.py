@@ -217,8 +217,7 @@ class Program:
         self.mismatches = 0
         self.constants = [(t, t._version) for name, t in _constants(graph)]
         self.operations = sum(1 for n in graph.graph.nodes if n.op == "call_function")
-        split = _split(graph, dynamic)
-        self.prepare, self.main, self.sources, self.written = split
+        self.prepare, self.main, (self.sources, self.shared), self.written = _split(graph, dynamic)
         self.prepare_constants = [t for _, t in _constants(self.prepare)] if self.prepare is not None else []
         self.prepared: Optional[tuple[tuple, list[Tensor]]] = None
 
@@ -254,7 +253,8 @@ class Program:
             return []
         used = [state[k] for k in self.sources] + self.prepare_constants
         found = fingerprints(used)
-        key = tuple((id(t), t._version, t.data_ptr(), found[id(t)]) for t in used)
+        key = tuple((id(t), t._version, t.data_ptr(), found[id(t)]) for t in used) + \
+            tuple((id(t), t.data_ptr()) for t in (state[k] for k in self.shared))
         prepared = self.prepared
         if prepared is None or prepared[0] != key:
             prepared = self.prepared = (key, list(self.prepare(*state)))
@@ -317,11 +317,37 @@ def _written(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
     return written
 
 
+def _valued_sources(prepare: torch.fx.Graph, state: list[torch.fx.Node]) -> tuple[list[int], list[int]]:
+    """The positions among the model's tensors whose values the prepared results hold (a result computed from
+    them: ``W+``, a merged BatchNorm) and of those the results only share storage with (a transposed weight,
+    which shows any change by itself)."""
+    aliases: dict[torch.fx.Node, set[str]] = {}
+    values: dict[torch.fx.Node, set[str]] = {}
+    for node in prepare.nodes:
+        if node.op == "placeholder":
+            aliases[node], values[node] = {str(node.target)}, set()
+        elif node.op == "output":
+            outputs = [a for a in node.args[0] if isinstance(a, torch.fx.Node)]  # type: ignore[union-attr]
+        else:
+            inputs = node.all_input_nodes
+            if _aliased(node):  # a view (or an item of one): the same storage as its input
+                aliases[node] = set().union(*(aliases[a] for a in inputs))
+                values[node] = set().union(*(values[a] for a in inputs))
+            else:
+                aliases[node] = set()
+                values[node] = set().union(*(values[a] | aliases[a] for a in inputs))
+    valued = set().union(*(values[n] for n in outputs))
+    shared = set().union(*(aliases[n] for n in outputs)) - valued
+    names = [str(p.target) for p in state]
+    return [k for k, n in enumerate(names) if n in valued], [k for k, n in enumerate(names) if n in shared]
+
+
 def _split(graph: torch.fx.GraphModule, dynamic: int
-           ) -> tuple[Optional[torch.fx.GraphModule], torch.fx.GraphModule, list[int], list[int]]:
+           ) -> tuple[Optional[torch.fx.GraphModule], torch.fx.GraphModule, tuple[list[int], list[int]], list[int]]:
     """``graph`` (placeholders: ``dynamic`` inputs, then the model's tensors) as a program of what depends on
     the model's tensors alone, a main program that takes its results as further arguments, the positions
-    among the model's tensors that the first reads, and those of the model's tensors the program writes. A
+    among the model's tensors that the first reads (:func:`_valued_sources`), and those of the model's tensors
+    the program writes. A
     value some operation writes into (or one that may share its storage) is not split off, nor are random
     operations; where the recording writes into a model tensor (a buffer updated in ``forward``), nothing is."""
     nodes = list(graph.graph.nodes)
@@ -330,7 +356,7 @@ def _split(graph: torch.fx.GraphModule, dynamic: int
     state = placeholders[dynamic:]
     writes = [k for k, p in enumerate(state) if p in written]
     if writes:
-        return None, graph, [], writes
+        return None, graph, ([], []), writes
     static: set[torch.fx.Node] = set(state)
     for node in nodes:
         if node in written:
@@ -345,7 +371,7 @@ def _split(graph: torch.fx.GraphModule, dynamic: int
     frontier = [n for n in nodes if n in static and n.op != "placeholder"
                 and any(u not in static for u in n.users)]
     if not any(n.op == "call_function" for n in frontier):
-        return None, graph, [], []
+        return None, graph, ([], []), []
     prepare = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in nodes:
@@ -362,8 +388,7 @@ def _split(graph: torch.fx.GraphModule, dynamic: int
         if node.op != "placeholder" and node not in main_env and node not in static:
             main_env[node] = main.node_copy(node, lambda n: main_env[n])
     prepare.eliminate_dead_code()
-    used = {n.target for n in prepare.nodes if n.op == "placeholder" and n.users}
-    sources = [k for k, p in enumerate(state) if p.target in used]
+    sources = _valued_sources(prepare, state)
     return torch.fx.GraphModule(graph, prepare), torch.fx.GraphModule(graph, main), sources, []
 
 
