@@ -188,13 +188,20 @@ def test_start_kinds():
 
 # ----------------------------------------------------------------------------- what a program cannot see
 
-class Scaled(nn.Module):
-    """A plain attribute, a tensor attribute and a module-level tensor enter the forward."""
+class TwoLayers(nn.Module):
+    """fc1 (10 -> 16) and fc2 (16 -> 3), the same weights every time; subclasses write ``forward``."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
+
+
+class Scaled(TwoLayers):
+    """A plain attribute, a tensor attribute and a module-level tensor enter the forward."""
+
+    def __init__(self):
+        super().__init__()
         self.scale = 0.5
         self.shift = torch.zeros(16)  # not a buffer
 
@@ -280,13 +287,8 @@ class Branches(nn.Module):
         return self.head(F.relu(h))
 
 
-class ReadsAList(nn.Module):
+class ReadsAList(TwoLayers):
     """Reads values with ``.tolist()``, which goes past torch's dispatcher (a tracer alone would not see it)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
 
     def forward(self, x):
         h = F.relu(self.fc1(x))
@@ -310,24 +312,14 @@ def test_values_read_into_python_are_guards(model, calls):
     assert explainer.calls == calls
 
 
-class ReadsAValue(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
-
+class ReadsAValue(TwoLayers):
     def forward(self, x):
         h = F.relu(self.fc1(x))
         return self.fc2(h) * (1.0 + 0.01 * h.sum().item())
 
 
-class SelectsByValue(nn.Module):
+class SelectsByValue(TwoLayers):
     """Keeps the features active anywhere in the batch: a shape that depends on values."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
 
     def forward(self, x):
         h = F.relu(self.fc1(x))
@@ -378,13 +370,11 @@ def test_input_shapes_and_the_number_of_programs_kept():
         lrp.Explainer(model, programs=0)
 
 
-class Counting(nn.Module):
+class Counting(TwoLayers):
     """Adds up what it has seen in a buffer, in place, on every forward (and reads the buffer)."""
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
         self.register_buffer("seen", torch.zeros(16))
 
     def forward(self, x):
