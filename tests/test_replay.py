@@ -433,7 +433,8 @@ def test_calls_from_several_threads(warm):
         for res in results[k]:
             _same(res, lrp.explain(model, x))
     assert sum(explainer.calls.values()) == 24 + 2 * warm
-    assert explainer.calls["replayed"] >= (24 if warm else 1)
+    if warm:  # cold, how many calls replay depends on when the one recording ends: only the results are checked
+        assert explainer.calls["replayed"] == 24
 
 
 def test_replay_off():
