@@ -322,8 +322,9 @@ class Explainer:
                     f"failed, in {_MISMATCHES} calls")
             return self._eager(x, target, start, from_logits, record_layers)
         with self._lock:
-            busy, found.recording = found.recording, True
-        if found.refused is not None or busy:  # not replayable, or another thread is recording it
+            eager = found.refused is not None or found.recording  # not replayable, or another thread records it
+            found.recording = found.recording or not eager
+        if eager:
             return self._eager(x, target, start, from_logits, record_layers)
 
         def run(flat: Sequence[Tensor]) -> dict:
