@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .errors import LRPError
-from .explain import Explanation
+from .explain import Explanation, check_batch
 from .engine import TargetSpec, class_targets, frozen, model_lock, model_output
 
 Tensor = torch.Tensor
@@ -65,12 +65,7 @@ def _inputs(model: torch.nn.Module, x: Inputs) -> list[Tensor]:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must be a floating-point tensor or integer token ids, got {t.dtype}")
-        if t.ndim < 1 or t.shape[0] == 0:
-            raise LRPError(f"{name} must be a batch with at least one sample along dimension 0, got shape "
-                           f"{tuple(t.shape)}")
-        if t.shape[0] != x[0].shape[0]:
-            raise LRPError(f"{name} has {t.shape[0]} samples (shape {tuple(t.shape)}), input 0 has {x[0].shape[0]} "
-                           f"(shape {tuple(x[0].shape)}): every input needs the same batch size along dimension 0")
+        check_batch(name, t, x[0])
     if not any(t.is_floating_point() for t in x):
         raise TypeError(f"none of the {len(x)} inputs is floating-point ({', '.join(str(t.dtype) for t in x)}): "
                         f"these methods differentiate or perturb floating-point inputs and hold integer ids fixed")

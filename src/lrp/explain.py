@@ -159,6 +159,16 @@ def explain(
     return _explain(model, x, target, resolve(composite), start, from_logits, record_layers, eval_mode, None)
 
 
+def check_batch(name: str, t: Tensor, first: Tensor) -> None:
+    """``t`` (called ``name`` in errors) is a batch of at least one sample, as many as ``first`` holds."""
+    if t.ndim < 1 or t.shape[0] == 0:
+        raise LRPError(f"{name} must be a batch with at least one sample along dimension 0, got shape "
+                       f"{tuple(t.shape)}")
+    if t.shape[0] != first.shape[0]:
+        raise LRPError(f"{name} has {t.shape[0]} samples (shape {tuple(t.shape)}), input 0 has {first.shape[0]} "
+                       f"(shape {tuple(first.shape)}): every input needs the same batch size along dimension 0")
+
+
 def _check(model: object, x: object) -> list[Tensor]:
     """The model inputs as a list (one tensor, or a tuple or list of them), checked."""
     if not isinstance(model, torch.nn.Module):
@@ -177,13 +187,7 @@ def _check(model: object, x: object) -> list[Tensor]:
         inputs.append(t)
         if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
             raise LRPError(f"{name} must be a floating-point tensor or integer token ids, got {t.dtype}")
-        if t.ndim < 1 or t.shape[0] == 0:
-            raise LRPError(f"{name} must be a batch with at least one sample along dimension 0, got shape "
-                           f"{tuple(t.shape)}")
-        if t.shape[0] != inputs[0].shape[0]:
-            raise LRPError(f"{name} has {t.shape[0]} samples (shape {tuple(t.shape)}), input 0 has "
-                           f"{inputs[0].shape[0]} (shape {tuple(inputs[0].shape)}): every input needs the same "
-                           f"batch size along dimension 0")
+        check_batch(name, t, inputs[0])
     scripted = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
     if scripted:
         raise LRPError(f"module '{scripted[0]}' is TorchScript: its operations run inside the TorchScript "
