@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
 
@@ -156,6 +156,32 @@ def cuda_peak_mb(run: Callable[[], object]) -> float:
     peak = torch.cuda.max_memory_allocated()
     del result
     return (peak - before) / 2**20
+
+
+EXPLAINER_NOTES: list[str] = []  # one line per warmed explainer: CUDA graphs or why not, memory held
+
+
+def warmed_explainer(explainer: Any, call: Callable[[], object], device: str, tag: str) -> Callable[[], object]:
+    """``call`` after six calls of it (eager, recorded, first replay; on a GPU also the CUDA graph's capture, its
+    check and a first graphed call), so that every timed call is like the ones that follow. Notes in
+    ``EXPLAINER_NOTES`` whether the replays run as CUDA graphs and, on a GPU, the memory the explainer holds
+    between calls (its graphs' pool and kept weight-derived tensors: reserved memory after the warm-up calls
+    minus before them, with the allocator's unused cache emptied both times)."""
+    held = ""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+    for _ in range(6):
+        call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        held = f"; held between calls {(torch.cuda.memory_reserved() - before) / 2**20:.0f} MB"
+    why = explainer.why_not_graphed
+    EXPLAINER_NOTES.append(f"- {tag}: calls {dict(explainer.calls)}; "
+                           f"{'replays run as a CUDA graph' if why is None else 'no CUDA graph: ' + why}{held}")
+    return call
 
 
 def cuda_memory(runs: Runs, labels: dict[str, str], errors: list[str], tag: str) -> dict[str, Optional[float]]:

@@ -22,8 +22,10 @@ Methods (the table's rows):
   ``inputs_embeds``, the gradient of the target logit; relevance ``(emb * grad).sum(-1)``. The reference of
   the ratios.
 - lrp epsilon (AttnLRP): ``lrp.explain(lrp.language.NextToken(lm), ids, target=t, composite="epsilon")``.
-- lrp Explainer epsilon: one ``lrp.Explainer(NextToken(lm), composite="epsilon")`` built and called three
-  times (eager, recorded, first replay) before any timing or memory measurement: the row is its replays.
+- lrp Explainer epsilon: one ``lrp.Explainer(NextToken(lm), composite="epsilon")`` built and called six
+  times (eager, recorded, first replay; on a GPU also its CUDA graph's capture, check and first use) before any
+  timing or memory measurement: the row is its replays. A note per explainer says whether they ran as a CUDA
+  graph and, on a GPU, the memory it holds between calls.
 - LXT 2.1 efficient AttnLRP: LXT's monkey patch for Llama (``lxt.efficient.monkey_patch(modeling_llama,
   lxt.efficient.models.llama.attnLRP)``) on its own copy of the model; then as gradient x input. LXT patches
   classes and module globals process-wide, so the patch is applied once, the attributes it changed are
@@ -68,7 +70,7 @@ import lrp.language
 
 from harness import (argument_parser, check_device, cuda_memory, fmt, gpu_line, int_list,  # benchmarks/harness.py
                      machine_lines, memory_in_subprocesses, print_rss_rise, ratio, refuse, release_memory, report,
-                     time_runs)
+                     time_runs, warmed_explainer, EXPLAINER_NOTES)
 
 THREADS = 2
 SIZES = {
@@ -219,9 +221,10 @@ def make_method(key: str, lm: LlamaForCausalLM, ids: torch.Tensor, target: int,
         return lambda: lrp.explain(lrp.language.NextToken(lm), ids, target=target, composite="epsilon").relevance
     if key == "lrp-explainer":
         explainer = lrp.Explainer(lrp.language.NextToken(lm), composite="epsilon")
-        for _ in range(3):  # eager, recorded, first replay (builds the kept tensors): then steady replays
-            explainer(ids, target=target)
-        return lambda: explainer(ids, target=target).relevance
+        # eager, recorded, first replay (builds the kept tensors), then on a GPU the CUDA graph's capture and
+        # check: then steady replays
+        return warmed_explainer(explainer, lambda: explainer(ids, target=target).relevance, ids.device.type,
+                                f"seq {ids.shape[-1]} {METHODS[key]}")
     if key == "lxt":
         if lxt is None:
             raise ValueError("LXT is not available here")
@@ -438,7 +441,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    report(header, "\n".join(rows), [], errors, args.out)
+    report(header, "\n".join(rows), EXPLAINER_NOTES, errors, args.out)
 
 
 if __name__ == "__main__":

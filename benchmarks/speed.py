@@ -24,10 +24,12 @@ bound is >= 0.99.
 Models have random weights (fixed seed); vit_b_16's classifier, which torchvision initialises to zero (all
 logits 0, all relevance 0), gets normal(0, 0.02) weights. Zennit is not run on vit_b_16 (n/a): it has no
 canonizer or rules for attention. The rows "lrp Explainer ... (replayed)" (one ``lrp.Explainer`` built and
-called three times outside the timing, so that every timed call replays its recorded program) appear only when the
-installed lrp has ``lrp.Explainer``. Their memory is the rise over two replays after the freed memory of the
+called six times outside the timing, so that every timed call replays its recorded program; on a GPU the last
+three calls capture, check and use its CUDA graph) appear only when the installed lrp has ``lrp.Explainer``. Their memory on the CPU is the rise over two replays after the freed memory of the
 warm-up calls is given back to the system; the weight-derived tensors the explainer keeps (``W+``, merged
-BatchNorms), allocated once by its first replay, are not in it.
+BatchNorms), allocated once by its first replay, are not in it. On cuda a note per explainer says whether its
+replays ran as a CUDA graph and the memory it holds between calls (graph pool and kept tensors), which the
+peak column (allocations during a call) does not show.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import lrp
 
 from harness import (argument_parser, check_device, comma_list, cuda_memory, fmt, gpu_line,  # benchmarks/harness.py
                      int_list, machine_lines, memory_in_subprocesses, print_rss_rise, ratio, refuse, report,
-                     time_runs)
+                     time_runs, warmed_explainer, EXPLAINER_NOTES)
 
 THREADS = 2
 # model -> zennit canonizer (None: zennit has no canonizer/rules for the model, its rows are n/a)
@@ -66,10 +68,8 @@ ZENNIT_NA = ("Zennit 0.5.1 has no canonizer or rules for attention (nn.Multihead
 
 
 def available_methods() -> dict[str, str]:
-    """Method key -> label in the table; "grad x input" is the reference for the ratios. The Explainer row
-    exists only when the installed lrp has ``lrp.Explainer``. Their memory is the rise over two replays after the freed memory of the
-warm-up calls is given back to the system; the weight-derived tensors the explainer keeps (``W+``, merged
-BatchNorms), allocated once by its first replay, are not in it."""
+    """Method key -> label in the table; "grad x input" is the reference for the ratios. The Explainer rows
+    exist only when the installed lrp has ``lrp.Explainer`` (see the module docstring)."""
     methods = {"forward": "forward", "grad": "grad x input", "lrp-epf": "lrp epsilon-plus-flat"}
     if hasattr(lrp, "Explainer"):
         methods["lrp-epf-explainer"] = "lrp Explainer epsilon-plus-flat (replayed)"
@@ -152,10 +152,11 @@ def make_method(key: str, model_name: str, model: torch.nn.Module, x: torch.Tens
         composite = "epsilon-plus-flat" if key == "lrp-epf-explainer" else \
             lrp.composite("epsilon-gamma-box", low=-3.0, high=3.0)
         explainer = lrp.Explainer(model, composite=composite)
-        # explained eagerly, recorded, then replayed once (which builds the weight-derived tensors the explainer
-        # keeps): every timed or measured call is a replay as the ones that follow
-        explainer(x), explainer(x), explainer(x)
-        return lambda: explainer(x).relevance
+        # explained eagerly, recorded, then replayed (the first replay builds the weight-derived tensors the
+        # explainer keeps; on a GPU the next ones capture and check its CUDA graph): every timed or measured call
+        # is a replay as the ones that follow
+        return warmed_explainer(explainer, lambda: explainer(x).relevance, x.device.type,
+                                f"{model_name} batch {x.shape[0]} {METHODS[key]}")
     if key in ("zennit-epf", "zennit-egb"):
         return make_zennit(key, model_name, model, x, stack)
     raise ValueError(f"unknown method {key!r}")
@@ -354,7 +355,8 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     table = "\n".join(rows)
-    notes = [f"- zennit on {m}: n/a. {ZENNIT_NA}." for m in models if MODELS[m] is None] + cosines
+    notes = [f"- zennit on {m}: n/a. {ZENNIT_NA}." for m in models if MODELS[m] is None] + cosines + \
+        EXPLAINER_NOTES
     report(header, table, notes, errors, args.out)
 
 

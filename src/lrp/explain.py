@@ -13,6 +13,7 @@ from .composites import _MODULE_RULES, Composite, resolve
 from .engine.capture import Trace
 from .engine import values
 from .engine.propagate import Propagation, WeightCache
+from .engine.graphs import GraphPool
 from .engine.replay import ModelState, Program, global_state, input_signature, record
 from .engine.session import frozen, model_lock
 from .engine.targets import (StartSpec, TargetSpec, binary_targets, class_targets, model_output, output_gradient,
@@ -246,6 +247,14 @@ class Explainer:
     any change records anew. Python side effects of the model's ``forward`` (printing, counters, hooks' own
     work) happen only in the calls that are not replayed. ``replay=False`` explains every call eagerly.
 
+    On a CUDA device the replays run as CUDA graphs (``cuda_graphs=True``; :mod:`lrp.engine.graphs`): one
+    launch for the whole program instead of one per kernel, which is most of the time at small batches. The
+    program's first replay runs it directly; then its graph is captured, and its first replay is checked
+    against the program on the same inputs before the graph is used. The graphs of one explainer share one
+    memory pool, which holds what the largest program needs while it runs for as long as the explainer keeps
+    its programs. ``calls["graphed"]`` counts the calls a graph gave; ``why_not_graphed`` says why the last
+    kind of call does not run as one (on the CPU: graphs run on CUDA devices).
+
     Eager calls keep what does not depend on the input between calls: the tensors rules build from the
     weights (``W+``, BatchNorm merged into the layer before it, flat counts, w^2 sums, z^B offsets), used again
     only while every tensor they were built from is the same object with the same version counter, storage
@@ -261,7 +270,7 @@ class Explainer:
     """
 
     def __init__(self, model: torch.nn.Module, composite: Union[str, Composite, None] = "epsilon-plus-flat", *,
-                 eval_mode: bool = True, replay: bool = True, programs: int = 8):
+                 eval_mode: bool = True, replay: bool = True, programs: int = 8, cuda_graphs: bool = True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if programs < 1:
@@ -271,8 +280,9 @@ class Explainer:
         self.eval_mode = eval_mode
         self.replay = replay
         self.cache = WeightCache()
-        self.calls: Counter[str] = Counter()  # "eager", "recorded", "replayed"
+        self.calls: Counter[str] = Counter()  # "eager", "recorded", "replayed", "graphed"
         self.why_not_replayed: Optional[str] = None
+        self.graphs = GraphPool() if cuda_graphs else None
         self._programs: OrderedDict[tuple, _Recording] = OrderedDict()
         self._limit = programs
         self._state: Optional[ModelState] = None
@@ -316,8 +326,8 @@ class Explainer:
         if program is not None and program.fresh():
             replayed = program([*inputs, *targets], tensors)
             if replayed is not None:
-                self._count("replayed")
-                return Explanation(**replayed)
+                self._count("graphed" if replayed[1] else "replayed")
+                return Explanation(**replayed[0])
             if program.mismatches >= _MISMATCHES:
                 found.program = None
                 found.refused = self.why_not_replayed = (
@@ -339,7 +349,8 @@ class Explainer:
             return {f.name: getattr(res, f.name) for f in fields(res)}
 
         try:
-            result, found.program, reason = record(run, [*inputs, *targets, *tensors], len(inputs) + len(targets))
+            result, found.program, reason = record(run, [*inputs, *targets, *tensors], len(inputs) + len(targets),
+                                                   self.graphs)
         finally:
             found.recording = False
         if found.program is None:
@@ -350,6 +361,18 @@ class Explainer:
             return Explanation(**result)
         self._count("recorded")
         return Explanation(**result)
+
+    @property
+    def why_not_graphed(self) -> Optional[str]:
+        """Why the replays of the kind of call made last do not run as a CUDA graph; ``None`` once they do."""
+        with self._lock:
+            last = next(reversed(self._programs.values()), None)
+        if self.graphs is None:
+            return "CUDA graphs are off (cuda_graphs=False)"
+        if last is None or last.program is None:
+            return "no call of this kind has been replayed" if last is None or last.refused is None else \
+                f"calls of this kind are not replayed: {last.refused}"
+        return last.program.graph_status()
 
     def _count(self, kind: str) -> None:
         with self._lock:

@@ -20,6 +20,9 @@ identity of every parameter, buffer and tensor attribute (their values are argum
 place need nothing), the module tree, modes, hooks and the modules' plain attributes (numbers, strings,
 flags and the identity of other objects). Tensors the program holds as constants (created outside the model's
 parameters and buffers, e.g. a global tensor) are checked by version counter.
+
+On a GPU a program's replays run as one CUDA graph each (:mod:`lrp.engine.graphs`) once one replay of the
+program itself has passed its guards and the graph's first replay has agreed with the program.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 
 from ..errors import LRPError
 from . import values
+from .graphs import GraphPool, Graphed, why_not_graphed
 from .propagate import fingerprints
 
 Tensor = torch.Tensor
@@ -211,8 +215,10 @@ class Program:
     another object, version counter, storage, or fingerprint of its values (:func:`fingerprints`, as the eager
     path keys its cache)."""
 
-    def __init__(self, graph: torch.fx.GraphModule, template: Any, dynamic: int, expected: list[Tensor]):
+    def __init__(self, graph: torch.fx.GraphModule, template: Any, dynamic: int, expected: list[Tensor],
+                 graphs: Optional[GraphPool] = None):
         self.template = template
+        self.dynamic = dynamic
         self.expected = expected  # the values read into Python while recording (see lrp.engine.values)
         self.mismatches = 0
         self.constants = [(t, t._version) for name, t in _constants(graph)]
@@ -220,21 +226,27 @@ class Program:
         self.prepare, self.main, (self.sources, self.shared), self.written = _split(graph, dynamic)
         self.prepare_constants = [t for _, t in _constants(self.prepare)] if self.prepare is not None else []
         self.prepared: Optional[tuple[tuple, list[Tensor]]] = None
+        self.graphs = graphs  # None: no CUDA graphs
+        self.graphed: Optional[Graphed] = None
+        self.why_not_graphed: Optional[str] = None if graphs is not None else "CUDA graphs are off"
+        self.replays = 0  # replays that ran the program itself, and passed their guards
+        self.captures = 0
 
     def fresh(self) -> bool:
         """Whether no tensor held as a constant has been changed in place since the recording."""
         return all(t._version == version for t, version in self.constants)
 
-    def __call__(self, dynamic: Sequence[Tensor], state: Sequence[Tensor]) -> Optional[Any]:
-        """The result, or ``None`` when a value the recording read into Python (see :mod:`lrp.engine.values`)
-        is not what it was, or the program failed on these arguments: the caller then explains eagerly. Model
-        tensors the program writes (a buffer updated in ``forward``) are then as they were before the call."""
+    def __call__(self, dynamic: Sequence[Tensor], state: Sequence[Tensor]) -> Optional[tuple[Any, bool]]:
+        """The result and whether a CUDA graph gave it, or ``None`` when a value the recording read into Python
+        (see :mod:`lrp.engine.values`) is not what it was, or the program failed on these arguments: the caller
+        then explains eagerly. Model tensors the program writes (a buffer updated in ``forward``) are then as
+        they were before the call."""
         saved = [(t, t.clone()) for t in (state[k] for k in self.written)]
         # The recorded operations already hold autocast's casts, and the rules compute in float32 on purpose:
         # autocast must not cast them again, and nothing needs autograd.
         try:
             with torch.no_grad(), _no_autocast():
-                leaves = self.main(*dynamic, *state, *self._folded(state))
+                leaves, graphed = self._run([*dynamic, *state, *self._folded(state)])
                 if self.expected:
                     guards = leaves[len(leaves) - len(self.expected):]
                     leaves = leaves[:len(leaves) - len(self.expected)]
@@ -246,7 +258,57 @@ class Program:
                 for t, before in saved:
                     t.copy_(before)
             return None
-        return _unflatten(self.template, leaves)
+        self.replays += not graphed
+        return _unflatten(self.template, leaves), graphed
+
+    def graph_status(self) -> Optional[str]:
+        """Why the replays do not run as a CUDA graph, ``None`` when they do."""
+        if self.why_not_graphed is not None:
+            return self.why_not_graphed
+        if self.graphed is not None and self.graphed.checked:
+            return None
+        return ("not yet: a graph is captured after one replay of the program itself and used after its first "
+                "replay agrees with the program")
+
+    def _run(self, args: list[Tensor]) -> tuple[list[Tensor], bool]:
+        """The program's outputs on ``args``, from its CUDA graph where it has a checked one, and whether they
+        are. A graph is captured after the program itself has run once and passed its guards, and is used
+        once its first replay has given what the program gives on the same arguments."""
+        graphed = self.graphed
+        if graphed is not None:
+            out = graphed(args)
+            if out is None:  # the weight-derived tensors were built anew (the weights changed): capture anew
+                self.graphed = None
+            elif graphed.checked:
+                return out, True
+            else:
+                plain = list(self.main(*args))
+                problem = Graphed.agree(out, plain)
+                if problem:
+                    self.graphed, self.why_not_graphed = None, f"its CUDA graph disagreed with it: {problem}"
+                else:
+                    graphed.checked = True
+                return plain, False
+        if self.graphs is not None and self.why_not_graphed is None and self.replays >= 1:
+            self._capture(args)
+        return list(self.main(*args)), False
+
+    def _capture(self, args: list[Tensor]) -> None:
+        assert self.graphs is not None
+        if self.captures >= _CAPTURES:
+            self.why_not_graphed = (f"the weight-derived tensors were built anew (the weights changed) "
+                                    f"{_CAPTURES} times; each needs a new graph")
+            return
+        reason = why_not_graphed(self.main, args, self.graphs.backend, bool(self.written))
+        if reason:
+            self.why_not_graphed = reason
+            return
+        self.captures += 1
+        try:
+            self.graphed = Graphed(self.main, args, self.dynamic, self.graphs)
+        except Exception as exc:  # an operation that cannot be captured: replays run the program itself
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.why_not_graphed = f"capturing it failed: {type(exc).__name__}: {first}"
 
     def _folded(self, state: Sequence[Tensor]) -> list[Tensor]:
         if self.prepare is None:
@@ -259,6 +321,9 @@ class Program:
         if prepared is None or prepared[0] != key:
             prepared = self.prepared = (key, list(self.prepare(*state)))
         return prepared[1]
+
+
+_CAPTURES = 3  # graphs captured for one program before its replays run without one for good
 
 
 class _Mismatch(Exception):
@@ -430,13 +495,14 @@ def _one_fake_mode() -> Any:
     return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
 
 
-def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], inputs: int
-           ) -> tuple[Any, Optional[Program], str]:
+def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], inputs: int,
+           graphs: Optional[GraphPool] = None) -> tuple[Any, Optional[Program], str]:
     """Run ``run(args)`` once under torch's tracer and return its result, the :class:`Program` that repeats it
     (``None`` where it cannot be replayed) and, then, the reason. The first ``inputs`` arguments change from
     call to call; the rest are the model's tensors (:class:`ModelState`). ``run`` returns any nesting of dicts,
     lists and tuples of tensors and other values; only its tensors are recomputed by the program, the rest is
-    kept. ``lrp``'s own errors propagate; another failure of the tracer leaves the caller to run eagerly."""
+    kept. ``lrp``'s own errors propagate; another failure of the tracer leaves the caller to run eagerly.
+    With ``graphs``, the program's replays on a GPU run as CUDA graphs of that pool (:mod:`lrp.engine.graphs`)."""
     holder: dict[str, Any] = {}
 
     def traced(*flat: Tensor) -> list[Tensor]:
@@ -466,4 +532,4 @@ def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], input
     dynamic = [n for n in graph.graph.nodes if n.op == "call_function" and _dynamic(n)]
     if dynamic:
         return holder["result"], None, f"{dynamic[0].target} gives a result whose shape depends on the data"
-    return holder["result"], Program(graph, holder["template"], inputs, holder["expected"]), ""
+    return holder["result"], Program(graph, holder["template"], inputs, holder["expected"], graphs), ""
