@@ -339,6 +339,25 @@ def test_values_that_change_every_call_or_shapes_from_values_are_not_replayed(mo
     assert reason in explainer.why_not_replayed
 
 
+def test_the_reason_names_the_read_that_differed():
+    """After three discarded replays the reason says which read differed, where, and both values."""
+    import inspect
+
+    model = Branches().double().eval()
+    explainer = lrp.Explainer(model)
+    for k, sign in enumerate([1, 1, 1, -1, -1, -1, 1]):
+        explainer((_varied(_features(), k) + 0.5).abs() * sign)
+    line = inspect.getsourcelines(Branches.forward)[1] + 2  # the line of the ``if``
+    assert explainer.why_not_replayed.endswith(
+        f"in 3 calls; the last time the value read at test_replay.py:{line} in forward was True when recorded, "
+        f"False now")
+    engine = lrp.Explainer(Net().double().eval(), "epsilon-plus")  # z+ at the pixels: the engine reads their signs
+    for k in range(6):
+        engine(_varied(_image(), k).abs() * (1 if k < 3 else -1))
+    assert "the value read at lrp/rules.py:" in engine.why_not_replayed
+    assert "in has_negative_input was False when recorded, True now" in engine.why_not_replayed
+
+
 def test_autocast_records_anew():
     model, x = Net().eval(), _image().float()
     explainer = lrp.Explainer(model)

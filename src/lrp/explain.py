@@ -333,7 +333,7 @@ class Explainer:
                 found.refused = self.why_not_replayed = (
                     f"a value read into Python while recording (by the model: an if on a tensor, .item(), "
                     f".tolist(); or by a rule choosing its path) differed from the recording, or the program "
-                    f"failed, in {_MISMATCHES} calls")
+                    f"failed, in {_MISMATCHES} calls; the last time {program.mismatch}")
             return self._eager(x, target, start, from_logits, record_layers)
         with self._lock:
             eager = found.refused is not None or found.recording  # not replayable, or another thread records it

@@ -216,11 +216,13 @@ class Program:
     path keys its cache)."""
 
     def __init__(self, graph: torch.fx.GraphModule, template: Any, dynamic: int, expected: list[Tensor],
-                 graphs: Optional[GraphPool] = None):
+                 graphs: Optional[GraphPool] = None, readers: Optional[list[str]] = None):
         self.template = template
         self.dynamic = dynamic
         self.expected = expected  # the values read into Python while recording (see lrp.engine.values)
+        self.readers = readers if readers is not None else ["an unknown place"] * len(expected)
         self.mismatches = 0
+        self.mismatch = ""  # what differed in the last discarded replay
         self.constants = [(t, t._version) for name, t in _constants(graph)]
         self.operations = sum(1 for n in graph.graph.nodes if n.op == "call_function")
         self.prepare, self.main, (self.sources, self.shared), self.written = _split(graph, dynamic)
@@ -250,10 +252,14 @@ class Program:
                 if self.expected:
                     guards = leaves[len(leaves) - len(self.expected):]
                     leaves = leaves[:len(leaves) - len(self.expected)]
-                    if not all(torch.equal(g, e) for g, e in zip(guards, self.expected)):
-                        raise _Mismatch
-        except Exception:  # another path than this call needs: the caller explains it eagerly
+                    for g, e, where in zip(guards, self.expected, self.readers):
+                        if not torch.equal(g, e):
+                            raise _Mismatch(f"the value read at {where} was {_shown(e)} when recorded, "
+                                            f"{_shown(g)} now")
+        except Exception as exc:  # another path than this call needs: the caller explains it eagerly
             self.mismatches += 1
+            self.mismatch = str(exc) if isinstance(exc, _Mismatch) else \
+                f"the program failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             with torch.no_grad():
                 for t, before in saved:
                     t.copy_(before)
@@ -328,6 +334,14 @@ _CAPTURES = 3  # graphs captured for one program before its replays run without 
 
 class _Mismatch(Exception):
     """A guard of a replay differs from the recording."""
+
+
+def _shown(value: Tensor) -> str:
+    """A guard's value for a message: the value of a small tensor, the shape of a larger one."""
+    if value.numel() <= 4:
+        items = value.tolist()
+        return str(items)
+    return f"a tensor of shape {tuple(value.shape)}"
 
 
 def _aliased(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -511,8 +525,9 @@ def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], input
         leaves: list[Tensor] = []
         holder["template"] = _flatten(result, leaves)
         holder["result"] = result
-        holder["expected"] = [value for _, value in guards]  # real tensors, kept by the program
-        return leaves + [flag for flag, _ in guards]
+        holder["expected"] = [value for _, value, _ in guards]  # real tensors, kept by the program
+        holder["readers"] = [where for _, _, where in guards]
+        return leaves + [flag for flag, _, _ in guards]
 
     from torch.fx.experimental.proxy_tensor import make_fx  # imported when first needed: it takes a while
 
@@ -532,4 +547,5 @@ def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], input
     dynamic = [n for n in graph.graph.nodes if n.op == "call_function" and _dynamic(n)]
     if dynamic:
         return holder["result"], None, f"{dynamic[0].target} gives a result whose shape depends on the data"
-    return holder["result"], Program(graph, holder["template"], inputs, holder["expected"], graphs), ""
+    return holder["result"], Program(graph, holder["template"], inputs, holder["expected"], graphs,
+                                     holder["readers"]), ""

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 Tensor = torch.Tensor
-Guards = list[tuple[Tensor, Tensor]]  # (the tensor in the recording, its value when recorded)
+Guards = list[tuple[Tensor, Tensor, str]]  # (the tensor in the recording, its value when recorded, where read)
 
 _GUARDS: ContextVar[Optional[Guards]] = ContextVar("lrp_guards", default=None)
 
@@ -32,8 +32,9 @@ def recording() -> bool:
     return _GUARDS.get() is not None
 
 
-def guard(t: Tensor) -> Tensor:
-    """``t``'s values, safe to read into Python; while a call is recorded, ``t`` becomes a guard."""
+def guard(t: Tensor, by_model: bool = False) -> Tensor:
+    """``t``'s values, safe to read into Python; while a call is recorded, ``t`` becomes a guard. ``by_model``:
+    the model reads them (through the capture), so the place named is the model's, not the engine's."""
     guards = _GUARDS.get()
     if guards is None:
         return t
@@ -41,8 +42,28 @@ def guard(t: Tensor) -> Tensor:
 
     with disable_proxy_modes_tracing():
         value = t.detach().clone()
-    guards.append((t, value))
+    guards.append((t, value, _reader(_MODEL_INTERNAL if by_model else _INTERNAL)))
     return value
+
+
+_INTERNAL = ("/torch/", "/contextlib.py", "/lrp/engine/values.py", "/lrp/engine/replay.py")
+_MODEL_INTERNAL = _INTERNAL + ("/lrp/engine/",)  # a model's read passes through the capture
+
+
+def _reader(internal: tuple[str, ...]) -> str:
+    """Where the value is read: the innermost frame outside torch and this machinery (``file:line in function``,
+    the file relative to its package or folder)."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None and any(part in frame.f_code.co_filename.replace("\\", "/") for part in internal):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return "an unknown place"
+    parts = frame.f_code.co_filename.replace("\\", "/").split("/")
+    ours = frame.f_globals.get("__name__", "").startswith("lrp.") and "lrp" in parts
+    name = "/".join(parts[len(parts) - 1 - parts[::-1].index("lrp"):] if ours else parts[-1:])
+    return f"{name}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 def read(flag: Tensor) -> bool:
@@ -68,7 +89,7 @@ class _Reads(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if torch.Tag.data_dependent_output in getattr(func, "tags", ()):
-            args = tuple(guard(a) if isinstance(a, Tensor) else a for a in args)
+            args = tuple(guard(a, by_model=True) if isinstance(a, Tensor) else a for a in args)
             from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
             with disable_proxy_modes_tracing():
@@ -91,10 +112,10 @@ class _MemoryReads(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func in _MEMORY_READS and args and isinstance(args[0], Tensor):
-            args = (guard(args[0]),) + tuple(args[1:])
+            args = (guard(args[0], by_model=True),) + tuple(args[1:])
         elif func in _INDEX_READS:
-            args = args[:1] + tuple(guard(a) if isinstance(a, Tensor) else a for a in args[1:])
-            kwargs = {k: guard(v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+            args = args[:1] + tuple(guard(a, by_model=True) if isinstance(a, Tensor) else a for a in args[1:])
+            kwargs = {k: guard(v, by_model=True) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
 
