@@ -389,6 +389,35 @@ def test_input_shapes_and_the_number_of_programs_kept():
         lrp.Explainer(model, programs=0)
 
 
+def test_programs_of_other_batch_sizes_share_the_weight_derived_tensors():
+    """A dataset's last, smaller batch gets a program of its own, but not a second copy of ``W+`` and the merged
+    BatchNorms: both programs use one set, built again for both when the weights change."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=7).double().eval()
+    comp = lrp.composite("epsilon-gamma-box", **BOUNDS)
+    explainer = lrp.Explainer(model, comp)
+    batches = [torch.randn(n, 3, 32, 32, dtype=torch.float64) for n in (4, 1)]
+
+    def kept_sets():
+        state = explainer._state.tensors
+        return [r.program._folded(state) for r in explainer._programs.values()]
+
+    for _ in range(3):
+        for x in batches:
+            _same(explainer(x), lrp.explain(model, x, composite=comp))
+    assert explainer.calls["replayed"] == 2
+    first, second = kept_sets()
+    assert len(first) > 20 and all(a is b for a, b in zip(first, second))
+    with torch.no_grad():
+        model.conv1.weight.mul_(0.5)
+    for x in batches:
+        _same(explainer(x), lrp.explain(model, x, composite=comp))
+    first_after, second_after = kept_sets()
+    assert all(a is b for a, b in zip(first_after, second_after)) and first_after[0] is not first[0]
+    explainer.clear()
+    assert not explainer.kept._sets
+
+
 class Counting(TwoLayers):
     """Adds up what it has seen in a buffer, in place, on every forward (and reads the buffer)."""
 

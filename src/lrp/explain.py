@@ -14,7 +14,7 @@ from .engine.capture import Trace
 from .engine import values
 from .engine.propagate import Propagation, WeightCache
 from .engine.graphs import GraphPool
-from .engine.replay import ModelState, Program, global_state, input_signature, record
+from .engine.replay import KeptTensors, ModelState, Program, global_state, input_signature, record
 from .engine.session import frozen, model_lock
 from .engine.targets import (StartSpec, TargetSpec, binary_targets, class_targets, model_output, output_gradient,
                              start_relevance, targets_checked)
@@ -263,10 +263,11 @@ class Explainer:
     call runs in eval mode (``eval_mode=True``) and restores the model's modes.
 
     Up to ``programs`` recorded programs (one per input shape, target kind and option set) are kept, the
-    least recently used dropped first. Each keeps the weight-derived tensors its rules need, built by its first
+    least recently used dropped first. They keep the weight-derived tensors their rules need, built by the first
     replay: about the size of the weights of the layers whose rules build them, per tensor kept (ResNet50: 90 MB
-    with epsilon-plus-flat, 182 MB with epsilon-gamma-box, for 97 MB of weights). Call :meth:`clear` to drop
-    the programs and every kept tensor.
+    with epsilon-plus-flat, 182 MB with epsilon-gamma-box, for 97 MB of weights), one set shared by the programs
+    whose weight-only work is the same (inputs of another batch size, say). Call :meth:`clear` to drop the
+    programs and every kept tensor.
     """
 
     def __init__(self, model: torch.nn.Module, composite: Union[str, Composite, None] = "epsilon-plus-flat", *,
@@ -283,6 +284,7 @@ class Explainer:
         self.calls: Counter[str] = Counter()  # "eager", "recorded", "replayed", "graphed"
         self.why_not_replayed: Optional[str] = None
         self.graphs = GraphPool() if cuda_graphs else None
+        self.kept = KeptTensors()
         self._programs: OrderedDict[tuple, _Recording] = OrderedDict()
         self._limit = programs
         self._state: Optional[ModelState] = None
@@ -306,6 +308,7 @@ class Explainer:
                     self.why_not_replayed = ("the model changed between calls (its modules, their attributes, "
                                              "parameters, buffers or hooks, or the rules): each change records anew")
                 self._programs.clear()
+                self.kept.retain(set())
                 self._state = state
             tensors = self._state.tensors if self._state is not None else state.tensors
             if any(t is u for t in inputs for u in tensors):  # an input that is also one of the model's tensors
@@ -319,6 +322,7 @@ class Explainer:
                 self._programs[key] = _Recording(tuple(res._z.shape), res._z.device, res._binary)
                 while len(self._programs) > self._limit:
                     self._programs.popitem(last=False)
+                self.kept.retain({r.program.prepare_code for r in self._programs.values() if r.program is not None})
             return res
         idx = None if target is None else found.indices(target)
         targets = [] if idx is None else [idx]
@@ -350,7 +354,7 @@ class Explainer:
 
         try:
             result, found.program, reason = record(run, [*inputs, *targets, *tensors], len(inputs) + len(targets),
-                                                   self.graphs)
+                                                   self.graphs, self.kept)
         finally:
             found.recording = False
         if found.program is None:
@@ -389,6 +393,7 @@ class Explainer:
         self.cache.clear()
         with self._lock:
             self._programs.clear()
+            self.kept.retain(set())
 
     def __repr__(self) -> str:
         return f"Explainer({type(self.model).__name__}, composite={self.composite.name!r})"

@@ -205,6 +205,35 @@ def _meta_dtype(node: torch.fx.Node) -> Optional[torch.dtype]:
     return getattr(value, "dtype", None)
 
 
+class KeptTensors:
+    """The weight-derived tensors (``W+``, merged BatchNorms, flat counts, ...) of one explainer's programs: one
+    set per distinct weight-only program, so that programs of other input shapes (a dataset's last, smaller
+    batch) share one set instead of holding a copy each. A set is built again when a tensor it was built from
+    has changed (its key: see ``Program._folded``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sets: dict[str, tuple[tuple, list[Tensor]]] = {}
+
+    def get(self, code: str, key: tuple, make: Callable[[], list[Tensor]]) -> list[Tensor]:
+        """The set of the weight-only program ``code`` for the tensors ``key`` describes, built by ``make``
+        where there is none or it was built from other tensors."""
+        with self._lock:
+            found = self._sets.get(code)
+        if found is not None and found[0] == key:
+            return found[1]
+        made = make()
+        with self._lock:
+            self._sets[code] = (key, made)
+        return made
+
+    def retain(self, codes: set[str]) -> None:
+        """Drop the sets of weight-only programs not in ``codes`` (those of the programs still kept)."""
+        with self._lock:
+            for code in [c for c in self._sets if c not in codes]:
+                del self._sets[code]
+
+
 class Program:
     """One recorded explanation: ``program(dynamic, state)`` runs its ATen operations on new inputs and targets
     (``dynamic``) and the model's tensors (``state``, as :class:`ModelState` lists them) and gives the result
@@ -216,7 +245,8 @@ class Program:
     path keys its cache)."""
 
     def __init__(self, graph: torch.fx.GraphModule, template: Any, dynamic: int, expected: list[Tensor],
-                 graphs: Optional[GraphPool] = None, readers: Optional[list[str]] = None):
+                 graphs: Optional[GraphPool] = None, readers: Optional[list[str]] = None,
+                 kept: Optional["KeptTensors"] = None):
         self.template = template
         self.dynamic = dynamic
         self.expected = expected  # the values read into Python while recording (see lrp.engine.values)
@@ -227,7 +257,8 @@ class Program:
         self.operations = sum(1 for n in graph.graph.nodes if n.op == "call_function")
         self.prepare, self.main, (self.sources, self.shared), self.written = _split(graph, dynamic)
         self.prepare_constants = [t for _, t in _constants(self.prepare)] if self.prepare is not None else []
-        self.prepared: Optional[tuple[tuple, list[Tensor]]] = None
+        self.prepare_code = _signature(self.prepare) if self.prepare is not None else ""
+        self.kept = kept if kept is not None else KeptTensors()
         self.graphs = graphs  # None: no CUDA graphs
         self.graphed: Optional[Graphed] = None
         self.why_not_graphed: Optional[str] = None if graphs is not None else "CUDA graphs are off"
@@ -319,14 +350,34 @@ class Program:
     def _folded(self, state: Sequence[Tensor]) -> list[Tensor]:
         if self.prepare is None:
             return []
-        used = [state[k] for k in self.sources] + self.prepare_constants
-        found = fingerprints(used)
+        used = [state[k] for k in self.sources]
+        found = fingerprints(used + self.prepare_constants)
+        # constants (made by each recording anew) by value, so that programs of other shapes share one set
         key = tuple((id(t), t._version, t.data_ptr(), found[id(t)]) for t in used) + \
+            tuple((t.shape, t.dtype, t.device, found[id(t)]) for t in self.prepare_constants) + \
             tuple((id(t), t.data_ptr()) for t in (state[k] for k in self.shared))
-        prepared = self.prepared
-        if prepared is None or prepared[0] != key:
-            prepared = self.prepared = (key, list(self.prepare(*state)))
-        return prepared[1]
+        prepare = self.prepare
+        return self.kept.get(self.prepare_code, key, lambda: list(prepare(*state)))
+
+
+def _signature(graph: torch.fx.GraphModule) -> str:
+    """What ``graph`` computes, independent of its nodes' names (which count the nodes of the whole recording):
+    each node's kind, operation and arguments, with nodes by position, placeholders by position and constant
+    tensors by shape, dtype and device."""
+    position: dict[torch.fx.Node, int] = {}
+    items = []
+    for k, node in enumerate(graph.graph.nodes):
+        position[node] = k
+        arguments = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: position[n])  # type: ignore[arg-type]
+        if node.op == "placeholder":
+            target: Any = None
+        elif node.op == "get_attr":  # a constant: its values are in the key of a set (Program._folded)
+            value = getattr(graph, str(node.target))
+            target = (tuple(value.shape), value.dtype, value.device) if isinstance(value, Tensor) else id(value)
+        else:
+            target = node.target
+        items.append((node.op, str(target), repr(arguments)))
+    return repr(items)
 
 
 _CAPTURES = 3  # graphs captured for one program before its replays run without one for good
@@ -510,13 +561,15 @@ def _one_fake_mode() -> Any:
 
 
 def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], inputs: int,
-           graphs: Optional[GraphPool] = None) -> tuple[Any, Optional[Program], str]:
+           graphs: Optional[GraphPool] = None, kept: Optional[KeptTensors] = None
+           ) -> tuple[Any, Optional[Program], str]:
     """Run ``run(args)`` once under torch's tracer and return its result, the :class:`Program` that repeats it
     (``None`` where it cannot be replayed) and, then, the reason. The first ``inputs`` arguments change from
     call to call; the rest are the model's tensors (:class:`ModelState`). ``run`` returns any nesting of dicts,
     lists and tuples of tensors and other values; only its tensors are recomputed by the program, the rest is
     kept. ``lrp``'s own errors propagate; another failure of the tracer leaves the caller to run eagerly.
-    With ``graphs``, the program's replays on a GPU run as CUDA graphs of that pool (:mod:`lrp.engine.graphs`)."""
+    With ``graphs``, the program's replays on a GPU run as CUDA graphs of that pool (:mod:`lrp.engine.graphs`);
+    with ``kept``, its weight-derived tensors are shared with the other programs of that store."""
     holder: dict[str, Any] = {}
 
     def traced(*flat: Tensor) -> list[Tensor]:
@@ -548,4 +601,4 @@ def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], input
     if dynamic:
         return holder["result"], None, f"{dynamic[0].target} gives a result whose shape depends on the data"
     return holder["result"], Program(graph, holder["template"], inputs, holder["expected"], graphs,
-                                     holder["readers"]), ""
+                                     holder["readers"], kept), ""
