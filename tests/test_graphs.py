@@ -9,6 +9,7 @@ on a GPU. The test on the lane device (``make test-gpu``) runs real CUDA graphs.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -27,9 +28,10 @@ class Emulated:
     """A CUDA graph's semantics on the CPU (see the module docstring); ``corrupt`` makes replays wrong,
     ``fail`` makes captures fail."""
 
-    def __init__(self, corrupt: bool = False, fail: bool = False):
-        self.corrupt, self.fail = corrupt, fail
+    def __init__(self, corrupt: bool = False, fail: bool = False, empty: bool = False):
+        self.corrupt, self.fail, self.empty = corrupt, fail, empty
         self.captures = self.replays = 0
+        self.tf32 = False
 
     def supports(self, device):
         return device.type == "cpu"
@@ -45,9 +47,18 @@ class Emulated:
     def replay(self, graph):
         run, outputs = graph
         self.replays += 1
+        if self.empty:  # a graph whose kernels ran while capturing and were not recorded
+            return
         with torch.no_grad():
             for buffer, value in zip(outputs, run()):  # into the captured outputs, as a graph writes
                 buffer.copy_(value + 1 if self.corrupt and buffer.is_floating_point() else value)
+
+    @contextlib.contextmanager
+    def ordered(self, device, pool):
+        yield []
+
+    def settings(self):
+        return (self.tf32,)
 
     def new_pool(self):
         return object()
@@ -122,6 +133,52 @@ def test_a_graph_that_disagrees_with_the_program_is_dropped(monkeypatch):
         _same(explainer(xs), lrp.explain(model, xs, composite="epsilon-plus-flat"))
     assert explainer.calls["graphed"] == 0 and explainer.calls["replayed"] == 6
     assert "disagreed" in explainer.why_not_graphed and "output 0 differs" in explainer.why_not_graphed
+
+
+def test_a_graph_that_does_not_run_is_caught_on_the_inputs_it_was_captured_with(monkeypatch):
+    """A graph whose replay does nothing leaves its outputs as they were after the capture (NaN): the check
+    sees it even where every call has the same input, as a benchmark's or a server's warm-up calls have."""
+    _install(monkeypatch, Emulated(empty=True))
+    model, x = _model(), _image()
+    explainer = lrp.Explainer(model, "epsilon-plus-flat")
+    ref = lrp.explain(model, x, composite="epsilon-plus-flat")
+    for _ in range(8):
+        _same(explainer(x), ref)
+    assert explainer.calls["graphed"] == 0
+    assert "disagreed" in explainer.why_not_graphed
+
+
+def test_other_library_settings_capture_anew(emulated):
+    model, x = _model(), _image()
+    explainer = lrp.Explainer(model, "epsilon")
+    for seed in range(6):
+        explainer(_varied(x, seed))
+    assert explainer.calls["graphed"] == 1 and emulated.captures == 1
+    emulated.tf32 = True
+    for seed in range(6, 10):
+        xs = _varied(x, seed)
+        _same(explainer(xs), lrp.explain(model, xs, composite="epsilon"))
+    assert emulated.captures == 2 and explainer.calls["graphed"] == 3
+
+
+def test_a_graph_that_fails_is_dropped_and_the_program_runs(emulated, monkeypatch):
+    model, x = _model(), _image()
+    explainer = lrp.Explainer(model, "epsilon")
+    for seed in range(6):
+        explainer(_varied(x, seed))
+    assert explainer.calls["graphed"] == 1
+
+    def broken(graph):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\ndetail")
+
+    monkeypatch.setattr(emulated, "replay", broken)
+    for seed in range(6, 10):
+        xs = _varied(x, seed)
+        _same(explainer(xs), lrp.explain(model, xs, composite="epsilon"))
+    assert explainer.calls["graphed"] == 1 and explainer.calls["replayed"] == 7
+    assert explainer.why_not_graphed == "its CUDA graph failed: RuntimeError: CUDA error: an illegal memory access " \
+        "was encountered"
+    assert explainer.why_not_replayed is None
 
 
 def test_a_capture_that_fails_leaves_plain_replays(monkeypatch):
@@ -203,9 +260,18 @@ def test_programs_that_cannot_be_graphed(emulated):
         backend = Emulated()
         backend.supports = lambda d, device=device: d == device  # type: ignore[method-assign]
         args = [a.to("meta") for a in args] if function is other_device else args
-        assert reason in graphs.why_not_graphed(program, args, backend, written)
-    assert graphs.why_not_graphed(make_fx(lambda a: a * 2)(x), [x, x.to("meta")], Emulated(), False) == \
+        assert reason in graphs.why_not_graphed(program, args, 1, backend, written)
+    assert graphs.why_not_graphed(make_fx(lambda a: a * 2)(x), [x, x.to("meta")], 1, Emulated(), False) == \
         "its tensors are on 2 devices (cpu, meta)"
+    table = torch.randn(5, 3)  # a constant of the program on another device than its arguments
+    meta = Emulated()
+    meta.supports = lambda d: d.type == "meta"  # type: ignore[method-assign]
+    program = make_fx(lambda a: a + table.to("meta"))(torch.randn(5, 3, device="meta"))
+    assert "lies on cpu, not meta" in graphs.why_not_graphed(program, [torch.randn(5, 3, device="meta")], 1,
+                                                             meta, False)
+    expanded = torch.randn(3, 1).expand(3, 4)
+    assert "share memory" in graphs.why_not_graphed(make_fx(lambda a: a * 2)(expanded), [expanded], 1,
+                                                    Emulated(), False)
 
 
 def test_a_model_with_dropout_in_training_mode_is_replayed_without_graphs(emulated):

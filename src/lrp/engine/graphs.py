@@ -16,14 +16,24 @@ replays them with one call. What a graph needs, and how this module gives it:
   write or draw other numbers).
 
 All graphs of one :class:`GraphPool` (one per ``lrp.Explainer``) share one memory pool and replay one at a
-time, so the memory a program needs while it runs is held once, not once per program. The first replay of a
-new graph is checked against the program itself on the same arguments (:meth:`Graphed.check`).
+time on a stream of the pool's own, ordered against the caller's current stream, so the memory a program needs
+while it runs is held once, not once per program. A graph captured under other TF32 or cuDNN settings than the
+current ones is not used. The first replay of a new graph is checked against the program itself on the same
+arguments (``Program._run``); its outputs hold NaN until a replay writes them, so a graph that does not run
+fails that check even on the inputs it was captured with.
+
+CUDA allows one capture at a time in a process, and no other CUDA work that is not ordered against it: lrp's
+own captures take turns (a lock), and a capture happens only in the fourth call of a kind. A program of the
+user's own that calls ``torch.cuda.empty_cache()`` or captures graphs in another thread at that moment can make
+the capture fail (the replays then run without a graph) or raise in that thread; ``cuda_graphs=False`` avoids
+both.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional, Protocol, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -36,51 +46,106 @@ class Backend(Protocol):
 
     def supports(self, device: torch.device) -> bool: ...
 
-    def capture(self, run: Callable[[], list[Tensor]], device: torch.device, pool: Any) -> tuple[Any, list[Tensor]]:
+    def capture(self, run: Callable[[], list[Tensor]], device: torch.device, pool: "GraphPool"
+                ) -> tuple[Any, list[Tensor]]:
         """Run ``run`` once to warm up, then capture it; return the graph and its outputs (written anew by
         every replay)."""
+        ...
+
+    def ordered(self, device: torch.device, pool: "GraphPool") -> ContextManager[list[Tensor]]:
+        """Around copying the inputs in, a replay and copying the outputs out: the order of that work against
+        the caller's other work on ``device``. The outputs copied out are added to the list it gives."""
         ...
 
     def replay(self, graph: Any) -> None: ...
 
     def new_pool(self) -> Any: ...
 
+    def settings(self) -> tuple:
+        """The library settings a capture fixes (TF32, cuDNN): a graph captured under others is not used."""
+        ...
+
+
+_CAPTURE = threading.Lock()  # CUDA allows one capture at a time in a process
+
 
 class CUDAGraphs:
-    """``torch.cuda.CUDAGraph``: warm-up on a side stream, capture into a shared pool, replay."""
+    """``torch.cuda.CUDAGraph``. Each pool has a stream of its own per device, on which its graphs are warmed
+    up, captured and replayed (with the inputs copied in and the outputs out), ordered against the caller's
+    current stream both ways: never torch's one process-wide capture stream, which belongs to the device it
+    was first used on."""
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda" and torch.cuda.is_available()
 
-    def capture(self, run: Callable[[], list[Tensor]], device: torch.device, pool: Any) -> tuple[Any, list[Tensor]]:
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # libraries set up per-stream state (workspaces) outside the capture
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                outputs = run()
+    def _stream(self, device: torch.device, pool: "GraphPool") -> Any:
+        stream = pool.streams.get(device)
+        if stream is None:
+            stream = pool.streams[device] = torch.cuda.Stream(device)
+        return stream
+
+    def capture(self, run: Callable[[], list[Tensor]], device: torch.device, pool: "GraphPool"
+                ) -> tuple[Any, list[Tensor]]:
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+        with _CAPTURE, torch.cuda.device(device):
+            caller = torch.cuda.current_stream()
+            stream = self._stream(device, pool)
+            stream.wait_stream(caller)
+            clear()  # a matmul workspace made now belongs to the graph's pool, not to the stream's cache
+            try:
+                with torch.cuda.stream(stream):  # libraries set up their state (handles) outside the capture
+                    run()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool.handle(), stream=stream, capture_error_mode="thread_local"):
+                    outputs = run()
+            finally:
+                torch.cuda.set_stream(caller)  # also when the capture failed part way, leaving its stream current
+                clear()
+            caller.wait_stream(stream)
         return graph, outputs
+
+    @contextmanager
+    def ordered(self, device: torch.device, pool: "GraphPool") -> Iterator[list[Tensor]]:
+        with torch.cuda.device(device):
+            caller = torch.cuda.current_stream()
+            stream = self._stream(device, pool)
+            stream.wait_stream(caller)  # the inputs are ready, and the last outputs' readers are done
+            handed: list[Tensor] = []
+            try:
+                with torch.cuda.stream(stream):
+                    yield handed
+            finally:
+                caller.wait_stream(stream)
+                for t in handed:
+                    t.record_stream(caller)  # read on the caller's stream: not reused before that is done
 
     def replay(self, graph: Any) -> None:
         graph.replay()
 
     def new_pool(self) -> Any:
-        return torch.cuda.graph_pool_handle()
+        # a MemPool counts its users: the pool outlives its graphs for as long as the explainer holds it
+        return torch.cuda.MemPool() if hasattr(torch.cuda, "MemPool") else torch.cuda.graph_pool_handle()
+
+    def settings(self) -> tuple:
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                torch.get_float32_matmul_precision(), torch.backends.cudnn.enabled,
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
 
 
 BACKEND: Backend = CUDAGraphs()
 
 
 class GraphPool:
-    """The memory pool the graphs of one explainer share, and the lock that makes their replays take turns
-    (two graphs of one pool must never run at once: each may overwrite memory the other uses)."""
+    """The memory pool the graphs of one explainer share, their streams, and the lock that makes their
+    replays take turns (two graphs of one pool must never run at once: each may overwrite memory the other
+    uses)."""
 
     def __init__(self, backend: Optional[Backend] = None):
         self.backend = backend if backend is not None else BACKEND
         self.lock = threading.RLock()
+        self.streams: dict[torch.device, Any] = {}
         self._handle: Any = None
 
     def handle(self) -> Any:
@@ -89,8 +154,10 @@ class GraphPool:
         return self._handle
 
 
-def why_not_graphed(graph: torch.fx.GraphModule, args: Sequence[Tensor], backend: Backend, writes: bool) -> str:
-    """Why the program ``graph`` cannot be captured as a graph for ``args`` ("" when it can)."""
+def why_not_graphed(graph: torch.fx.GraphModule, args: Sequence[Tensor], copied: int, backend: Backend,
+                    writes: bool) -> str:
+    """Why the program ``graph`` cannot be captured as a graph for ``args``, of which the first ``copied`` are
+    copied into the graph's buffers ("" when it can)."""
     devices = {a.device for a in args if isinstance(a, Tensor)}
     if len(devices) != 1:
         return f"its tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))})"
@@ -99,7 +166,13 @@ def why_not_graphed(graph: torch.fx.GraphModule, args: Sequence[Tensor], backend
         return f"graphs run on CUDA devices; this program runs on {device}"
     if writes:
         return "the program writes the model's tensors (a buffer updated in forward)"
+    if any(a.numel() and torch._debug_has_internal_overlap(a) == 1 for a in args[:copied]):  # expanded, say
+        return "an input has elements that share memory (a graph copies its inputs into buffers of their layout)"
     for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(graph, str(node.target))
+            if isinstance(value, Tensor) and value.device != device and value.dim() > 0:
+                return f"the constant {node.target} lies on {value.device}, not {device}"
         if node.op != "call_function":
             continue
         target = node.target
@@ -124,16 +197,28 @@ def _tensors(value: Any) -> list[Tensor]:
 class Graphed:
     """A program captured as a graph for one set of arguments: ``graphed(args)`` copies the ``copied``
     arguments (inputs, targets) into the graph's buffers, replays, and returns copies of the outputs; ``None``
-    when an argument read in place is no longer the object the graph was captured with (the caller then
-    runs the program itself and captures anew)."""
+    when an argument read in place is no longer the object the graph was captured with, or the library
+    settings differ from the capture's (the caller then runs the program itself and captures anew).
+
+    Right after the capture, the floating-point outputs are filled with NaN: a graph whose replay did not run
+    the program (its kernels ran once while capturing, and were not recorded) shows as one that disagrees with
+    the program, even on the inputs it was captured with (see ``Program._run``)."""
 
     def __init__(self, program: Callable[..., list[Tensor]], args: Sequence[Tensor], copied: int, pool: GraphPool):
-        self.pool, self.copied = pool, copied
+        self.pool, self.copied, self.device = pool, copied, args[0].device
+        backend = pool.backend
         with pool.lock:
-            # the buffers of the inputs: allocated outside the graph's pool, so no other graph can reuse them
-            self.static = [a.clone() if k < copied else a for k, a in enumerate(args)]
-            self.graph, self.outputs = pool.backend.capture(lambda: list(program(*self.static)),
-                                                            args[0].device, pool.handle())
+            # the buffers of the inputs, in their layout: allocated outside the graph's pool, so no other graph
+            # can reuse them
+            self.static = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
+                           if k < copied else a for k, a in enumerate(args)]
+            self.settings = backend.settings()
+            self.graph, self.outputs = backend.capture(lambda: list(program(*self.static)), self.device, pool)
+            shared = {a.untyped_storage().data_ptr() for a in self.static}
+            with backend.ordered(self.device, pool):
+                for t in self.outputs:
+                    if t.is_floating_point() and t.untyped_storage().data_ptr() not in shared:
+                        t.fill_(float("nan"))
         self.checked = False
 
     def __call__(self, args: Sequence[Tensor]) -> Optional[list[Tensor]]:
@@ -142,23 +227,27 @@ class Graphed:
             return None
         if any(a.shape != s.shape or a.dtype != s.dtype for a, s in zip(args[:self.copied], self.static)):
             return None
-        with self.pool.lock:
+        if self.pool.backend.settings() != self.settings:
+            return None
+        with self.pool.lock, self.pool.backend.ordered(self.device, self.pool) as handed:
             for buffer, value in zip(self.static[:self.copied], args[:self.copied]):
                 buffer.copy_(value)
             self.pool.backend.replay(self.graph)
-            return [t.clone() for t in self.outputs]
+            handed += [t.clone() for t in self.outputs]
+            return handed
 
     @staticmethod
     def agree(graphed: list[Tensor], plain: list[Tensor]) -> str:
         """Where a graph's outputs differ from the program's on the same arguments ("" when nowhere): each
-        floating-point output to a relative 1e-4 of its largest magnitude (kernels may pick another algorithm
-        inside a capture), every other output exactly."""
+        floating-point output to a relative ``max(1e-4, 8 eps)`` of its dtype, of its largest magnitude
+        (kernels may pick another algorithm inside a capture), every other output exactly."""
         for k, (g, p) in enumerate(zip(graphed, plain)):
             if g.shape != p.shape or g.dtype != p.dtype:
                 return f"output {k} has shape {tuple(g.shape)} {g.dtype}, not {tuple(p.shape)} {p.dtype}"
             if g.is_floating_point() or g.is_complex():
+                tolerance = max(1e-4, 8 * torch.finfo(g.dtype).eps)
                 scale = float(p.abs().max()) if p.numel() else 0.0
-                if not torch.allclose(g, p, rtol=1e-4, atol=1e-4 * scale, equal_nan=True):
+                if not torch.allclose(g, p, rtol=tolerance, atol=tolerance * scale, equal_nan=True):
                     worst = float((g - p).abs().nan_to_num(float("inf")).max())
                     return f"output {k} differs by up to {worst:.3g} (largest magnitude {scale:.3g})"
             elif not torch.equal(g, p):

@@ -313,12 +313,17 @@ class Program:
         once its first replay has given what the program gives on the same arguments."""
         graphed = self.graphed
         if graphed is not None:
-            out = graphed(args)
-            if out is None:  # the weight-derived tensors were built anew (the weights changed): capture anew
-                self.graphed = None
+            try:
+                out = graphed(args)
+            except Exception as exc:  # the graph, not the program, failed: the program runs, and no graph
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self.graphed, self.why_not_graphed = None, f"its CUDA graph failed: {type(exc).__name__}: {first}"
+                out = graphed = None
+            if out is None or graphed is None:  # the weight-derived tensors were built anew (the weights
+                self.graphed = None                # changed), or the settings differ: capture anew
             elif graphed.checked:
                 return out, True
-            else:
+            else:  # the first replay of a new graph: checked against the program, whose result is returned
                 plain = list(self.main(*args))
                 problem = Graphed.agree(out, plain)
                 if problem:
@@ -336,7 +341,7 @@ class Program:
             self.why_not_graphed = (f"the weight-derived tensors were built anew (the weights changed) "
                                     f"{_CAPTURES} times; each needs a new graph")
             return
-        reason = why_not_graphed(self.main, args, self.graphs.backend, bool(self.written))
+        reason = why_not_graphed(self.main, args, self.dynamic, self.graphs.backend, bool(self.written))
         if reason:
             self.why_not_graphed = reason
             return
