@@ -224,6 +224,30 @@ def test_two_shapes_two_graphs(emulated):
     assert emulated.captures == 2 and explainer.calls["graphed"] == 4
 
 
+def test_poisoned_outputs_are_the_graphs_own():
+    """Right after a capture the outputs the graph itself allocated hold NaN (or an integer dtype's lowest
+    value) until a replay writes them; outputs that are an argument's or a constant's memory are left alone."""
+    table = torch.arange(4.0)
+    program = make_fx(lambda x: [x * 2, table[:2], x[1:], x.argmax()])(torch.randn(3))
+    x = torch.randn(3)
+    constants = [getattr(program, str(n.target)) for n in program.graph.nodes if n.op == "get_attr"]
+    graphed = graphs.Graphed(program, [x], 1, graphs.GraphPool(Emulated()), constants)
+    doubled, same_table, tail, index = graphed.outputs
+    assert doubled.isnan().all() and index.item() == torch.iinfo(torch.int64).min
+    assert torch.equal(table, torch.arange(4.0)) and torch.equal(same_table, table[:2])
+    assert torch.equal(tail, x[1:])  # a view of the graph's input buffer
+    assert [torch.equal(a, b) for a, b in zip(graphed([x]), program(x))] == [True] * 4
+
+
+def test_the_check_with_nan_and_inf():
+    nan, inf = float("nan"), float("inf")
+    assert graphs.Graphed.agree([torch.tensor([1.0, nan, inf])], [torch.tensor([1.0, nan, inf])]) == ""
+    assert "differs" in graphs.Graphed.agree([torch.tensor([5.0, inf])], [torch.tensor([1.0, inf])])
+    assert "differs" in graphs.Graphed.agree([torch.tensor([1.0, nan])], [torch.tensor([1.0, 2.0])])
+    assert graphs.Graphed.agree([torch.tensor([3])], [torch.tensor([3])]) == ""
+    assert "output 0 differs" == graphs.Graphed.agree([torch.tensor([3])], [torch.tensor([4])])
+
+
 def test_why_not_graphed():
     model, x = _model(), _image()
     explainer = lrp.Explainer(model, "epsilon")

@@ -224,8 +224,8 @@ def _replayed_then(explainer, model, x, change):
 
 
 @pytest.mark.parametrize("change", ["plain attribute", "tensor attribute replaced", "tensor attribute in place",
-                                    "module-level tensor in place", "hook added", "module replaced",
-                                    "rule registered"])
+                                    "module-level tensor in place", "module-level tensor's data replaced",
+                                    "hook added", "module replaced", "rule registered"])
 def test_changes_the_program_cannot_see_are_noticed(change):
     model, x = Scaled().double().eval(), _features()
     OFFSET.zero_()
@@ -244,6 +244,8 @@ def test_changes_the_program_cannot_see_are_noticed(change):
             model.shift.data.add_(torch.linspace(-1, 1, 16, dtype=torch.float64))  # no version bump
         elif change == "module-level tensor in place":
             OFFSET.add_(torch.linspace(-1, 1, 16))
+        elif change == "module-level tensor's data replaced":
+            OFFSET.data = torch.linspace(-1, 1, 16)  # other memory, no version bump
         elif change == "hook added":
             model.fc1.register_forward_hook(lambda m, i, o: o * torch.linspace(0, 2, 16, dtype=o.dtype))
         elif change == "module replaced":

@@ -91,16 +91,18 @@ class CUDAGraphs:
             caller = torch.cuda.current_stream()
             stream = self._stream(device, pool)
             stream.wait_stream(caller)
-            clear()  # a matmul workspace made now belongs to the graph's pool, not to the stream's cache
             try:
                 with torch.cuda.stream(stream):  # libraries set up their state (handles) outside the capture
                     run()
+                # the matmul workspace the warm-up made for this stream lies outside the graph's pool: dropped
+                # here, the capture makes one inside the pool, which holds it for as long as its graphs live
+                clear()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool.handle(), stream=stream, capture_error_mode="thread_local"):
                     outputs = run()
             finally:
                 torch.cuda.set_stream(caller)  # also when the capture failed part way, leaving its stream current
-                clear()
+                clear()  # later work on this stream must not find the pool's workspace cached
             caller.wait_stream(stream)
         return graph, outputs
 
@@ -127,11 +129,17 @@ class CUDAGraphs:
         return torch.cuda.MemPool() if hasattr(torch.cuda, "MemPool") else torch.cuda.graph_pool_handle()
 
     def settings(self) -> tuple:
-        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-                torch.get_float32_matmul_precision(), torch.backends.cudnn.enabled,
-                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+        matmul, cudnn, cuda = torch.backends.cuda.matmul, torch.backends.cudnn, torch.backends.cuda
+        optional = [getattr(torch._C, "_get_cublas_allow_fp16_accumulation", lambda: None),
+                    getattr(cuda, "preferred_blas_library", lambda: None),
+                    getattr(cuda, "flash_sdp_enabled", lambda: None),
+                    getattr(cuda, "mem_efficient_sdp_enabled", lambda: None),
+                    getattr(cuda, "math_sdp_enabled", lambda: None),
+                    getattr(cuda, "cudnn_sdp_enabled", lambda: None)]
+        return (matmul.allow_tf32, cudnn.allow_tf32, matmul.allow_fp16_reduced_precision_reduction,
+                matmul.allow_bf16_reduced_precision_reduction, torch.get_float32_matmul_precision(),
+                cudnn.enabled, cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+                *(str(get()) for get in optional))
 
 
 BACKEND: Backend = CUDAGraphs()
@@ -204,21 +212,23 @@ class Graphed:
     the program (its kernels ran once while capturing, and were not recorded) shows as one that disagrees with
     the program, even on the inputs it was captured with (see ``Program._run``)."""
 
-    def __init__(self, program: Callable[..., list[Tensor]], args: Sequence[Tensor], copied: int, pool: GraphPool):
+    def __init__(self, program: Callable[..., list[Tensor]], args: Sequence[Tensor], copied: int, pool: GraphPool,
+                 constants: Sequence[Tensor] = ()):
         self.pool, self.copied, self.device = pool, copied, args[0].device
         backend = pool.backend
         with pool.lock:
-            # the buffers of the inputs, in their layout: allocated outside the graph's pool, so no other graph
-            # can reuse them
-            self.static = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
-                           if k < copied else a for k, a in enumerate(args)]
+            with backend.ordered(self.device, pool):
+                # the buffers of the inputs, in their layout, on the pool's stream: allocated outside the graph's
+                # pool, so no other graph can reuse them
+                self.static = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
+                               if k < copied else a for k, a in enumerate(args)]
             self.settings = backend.settings()
             self.graph, self.outputs = backend.capture(lambda: list(program(*self.static)), self.device, pool)
-            shared = {a.untyped_storage().data_ptr() for a in self.static}
+            known = {t.untyped_storage().data_ptr() for t in [*self.static, *constants]}
             with backend.ordered(self.device, pool):
-                for t in self.outputs:
-                    if t.is_floating_point() and t.untyped_storage().data_ptr() not in shared:
-                        t.fill_(float("nan"))
+                for t in self.outputs:  # what the graph itself makes, never an argument's or a constant's memory
+                    if t.untyped_storage().data_ptr() not in known:
+                        _poison(t)
         self.checked = False
 
     def __call__(self, args: Sequence[Tensor]) -> Optional[list[Tensor]]:
@@ -238,6 +248,13 @@ class Graphed:
 
     @staticmethod
     def agree(graphed: list[Tensor], plain: list[Tensor]) -> str:
+        try:
+            return Graphed._agree(graphed, plain)
+        except Exception as exc:
+            return f"comparing the outputs failed ({type(exc).__name__}: {exc})"
+
+    @staticmethod
+    def _agree(graphed: list[Tensor], plain: list[Tensor]) -> str:
         """Where a graph's outputs differ from the program's on the same arguments ("" when nowhere): each
         floating-point output to a relative ``max(1e-4, 8 eps)`` of its dtype, of its largest magnitude
         (kernels may pick another algorithm inside a capture), every other output exactly."""
@@ -246,10 +263,20 @@ class Graphed:
                 return f"output {k} has shape {tuple(g.shape)} {g.dtype}, not {tuple(p.shape)} {p.dtype}"
             if g.is_floating_point() or g.is_complex():
                 tolerance = max(1e-4, 8 * torch.finfo(g.dtype).eps)
-                scale = float(p.abs().max()) if p.numel() else 0.0
+                finite = p.abs()[p.isfinite()]  # inf and NaN must match exactly (equal_nan), not set the scale
+                scale = float(finite.max()) if finite.numel() else 0.0
                 if not torch.allclose(g, p, rtol=tolerance, atol=tolerance * scale, equal_nan=True):
                     worst = float((g - p).abs().nan_to_num(float("inf")).max())
                     return f"output {k} differs by up to {worst:.3g} (largest magnitude {scale:.3g})"
             elif not torch.equal(g, p):
                 return f"output {k} differs"
         return ""
+
+
+def _poison(t: Tensor) -> None:
+    """Fill an output buffer of a new graph with values its program does not give (NaN; an integer dtype's
+    lowest value), so that a replay that did not write it fails the graph's check."""
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype != torch.bool:
+        t.fill_(torch.iinfo(t.dtype).min)

@@ -253,7 +253,7 @@ class Program:
         self.readers = readers if readers is not None else ["an unknown place"] * len(expected)
         self.mismatches = 0
         self.mismatch = ""  # what differed in the last discarded replay
-        self.constants = [(t, t._version) for name, t in _constants(graph)]
+        self.constants = [(t, t._version, t.data_ptr()) for name, t in _constants(graph)]
         self.operations = sum(1 for n in graph.graph.nodes if n.op == "call_function")
         self.prepare, self.main, (self.sources, self.shared), self.written = _split(graph, dynamic)
         self.prepare_constants = [t for _, t in _constants(self.prepare)] if self.prepare is not None else []
@@ -266,8 +266,9 @@ class Program:
         self.captures = 0
 
     def fresh(self) -> bool:
-        """Whether no tensor held as a constant has been changed in place since the recording."""
-        return all(t._version == version for t, version in self.constants)
+        """Whether no tensor held as a constant has been changed in place, or given other memory (``.data =``),
+        since the recording."""
+        return all(t._version == version and t.data_ptr() == pointer for t, version, pointer in self.constants)
 
     def __call__(self, dynamic: Sequence[Tensor], state: Sequence[Tensor]) -> Optional[tuple[Any, bool]]:
         """The result and whether a CUDA graph gave it, or ``None`` when a value the recording read into Python
@@ -338,8 +339,8 @@ class Program:
     def _capture(self, args: list[Tensor]) -> None:
         assert self.graphs is not None
         if self.captures >= _CAPTURES:
-            self.why_not_graphed = (f"the weight-derived tensors were built anew (the weights changed) "
-                                    f"{_CAPTURES} times; each needs a new graph")
+            self.why_not_graphed = (f"a new graph was needed {_CAPTURES} times (the weight-derived tensors were "
+                                    f"built anew after the weights changed, or the TF32/cuDNN settings changed)")
             return
         reason = why_not_graphed(self.main, args, self.dynamic, self.graphs.backend, bool(self.written))
         if reason:
@@ -347,7 +348,7 @@ class Program:
             return
         self.captures += 1
         try:
-            self.graphed = Graphed(self.main, args, self.dynamic, self.graphs)
+            self.graphed = Graphed(self.main, args, self.dynamic, self.graphs, [t for _, t in _constants(self.main)])
         except Exception as exc:  # an operation that cannot be captured: replays run the program itself
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.why_not_graphed = f"capturing it failed: {type(exc).__name__}: {first}"
