@@ -131,8 +131,11 @@ def explain_to_store(pipeline: Any, options: StoreOptions) -> int:
             raise StoreError(f"rank 0 stopped: {plan}")
         for note in plan.notes if ranks.main else ():
             print(f"note: {note}", file=sys.stderr)
-        import torch.fx.experimental.symbolic_shapes  # noqa: F401  (autograd imports it, and sympy, on the first
-        # backward: about 1 s once per process, start-up like loading the model, so not in the run's items/s)
+        # start-up like loading the model, so not in the run's items/s: autograd imports sympy on the first
+        # backward (about 1 s once per process), and the explainer's first recording imports torch._dynamo (its
+        # fake tensors: about 2 s)
+        import torch._dynamo  # noqa: F401
+        import torch.fx.experimental.symbolic_shapes  # noqa: F401
         began = time.perf_counter()
         _explain_chunks(pipeline, options, plan, share(plan.todo, ranks), ranks)
         ranks.barrier()
