@@ -755,3 +755,55 @@ def test_replay_on_the_lane_device(device, case):
         torch.testing.assert_close(res.relevance, ref.relevance, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(res.output, ref.output, rtol=1e-9, atol=1e-12)
     assert explainer.calls["replayed"] + explainer.calls["graphed"] >= 2
+
+
+# ----------------------------------------------------------------------------- torch.compile (compile=True)
+
+def _mlp64():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+
+
+def test_compiled_replays_are_close_to_explain():
+    """With ``compile=True`` the second replay compiles the program (checked against it); later replays run the
+    compiled program, whose relevance is ``explain``'s up to rounding (inductor reorders float work)."""
+    model = _mlp64()
+    explainer = lrp.Explainer(model, "epsilon", compile=True)
+    assert explainer.why_not_compiled == "no call of this kind has been replayed"
+    for seed in range(4):
+        xs = _varied(_features(), seed)
+        _same(explainer(xs), lrp.explain(model, xs, composite="epsilon"))  # eager, recorded, replayed, compiling
+    assert explainer.why_not_compiled is None, explainer.why_not_compiled
+    program = next(iter(explainer._programs.values())).program
+    used = []
+    compiled = program.compiled
+    program.compiled = lambda *args: used.append(1) or compiled(*args)
+    for seed in range(4, 7):
+        xs = _varied(_features(), seed)
+        res, ref = explainer(xs), lrp.explain(model, xs, composite="epsilon")
+        torch.testing.assert_close(res.relevance, ref.relevance, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(res.output, ref.output, rtol=1e-12, atol=1e-12)
+        assert torch.equal(res.target, ref.target)
+    assert len(used) == 3 and explainer.calls["replayed"] == 5
+
+
+@pytest.mark.parametrize("trouble", ["fails", "disagrees"])
+def test_a_program_that_does_not_compile_well_runs_as_recorded(monkeypatch, trouble):
+    def fake_compile(program, **options):
+        if trouble == "fails":
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+        return lambda *args: [t + 1 if t.is_floating_point() else t for t in program(*args)]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = _mlp64()
+    explainer = lrp.Explainer(model, "epsilon", compile=True)
+    for seed in range(6):
+        xs = _varied(_features(), seed)
+        _same(explainer(xs), lrp.explain(model, xs, composite="epsilon"))
+    assert explainer.calls["replayed"] == 4
+    if trouble == "fails":
+        assert explainer.why_not_compiled == ("torch.compile failed: RuntimeError: InvalidCxxCompiler: No working "
+                                              "C++ compiler found")
+    else:
+        assert explainer.why_not_compiled.startswith("the compiled program disagreed with it: output 0 differs")
+    assert lrp.Explainer(model).why_not_compiled == "compile is off (compile=False)"

@@ -247,22 +247,23 @@ class Graphed:
             return handed
 
     @staticmethod
-    def agree(graphed: list[Tensor], plain: list[Tensor]) -> str:
+    def agree(graphed: list[Tensor], plain: list[Tensor], tolerance: Optional[float] = None) -> str:
         try:
-            return Graphed._agree(graphed, plain)
+            return Graphed._agree(graphed, plain, tolerance)
         except Exception as exc:
             return f"comparing the outputs failed ({type(exc).__name__}: {exc})"
 
     @staticmethod
-    def _agree(graphed: list[Tensor], plain: list[Tensor]) -> str:
+    def _agree(graphed: list[Tensor], plain: list[Tensor], tolerance: Optional[float]) -> str:
         """Where a graph's outputs differ from the program's on the same arguments ("" when nowhere): each
-        floating-point output to a relative ``max(1e-4, 8 eps)`` of its dtype, of its largest magnitude
-        (kernels may pick another algorithm inside a capture), every other output exactly."""
+        floating-point output to a relative ``max(tolerance, 8 eps)`` of its dtype (``tolerance`` 1e-4 unless
+        given), of its largest magnitude (kernels may pick another algorithm inside a capture), every other
+        output exactly."""
         for k, (g, p) in enumerate(zip(graphed, plain)):
             if g.shape != p.shape or g.dtype != p.dtype:
                 return f"output {k} has shape {tuple(g.shape)} {g.dtype}, not {tuple(p.shape)} {p.dtype}"
             if g.is_floating_point() or g.is_complex():
-                tolerance = max(1e-4, 8 * torch.finfo(g.dtype).eps)
+                tolerance = max(1e-4 if tolerance is None else tolerance, 8 * torch.finfo(g.dtype).eps)
                 finite = p.abs()[p.isfinite()]  # inf and NaN must match exactly (equal_nan), not set the scale
                 scale = float(finite.max()) if finite.numel() else 0.0
                 if not torch.allclose(g, p, rtol=tolerance, atol=tolerance * scale, equal_nan=True):

@@ -246,7 +246,7 @@ class Program:
 
     def __init__(self, graph: torch.fx.GraphModule, template: Any, dynamic: int, expected: list[Tensor],
                  graphs: Optional[GraphPool] = None, readers: Optional[list[str]] = None,
-                 kept: Optional["KeptTensors"] = None):
+                 kept: Optional["KeptTensors"] = None, compile: bool = False):
         self.template = template
         self.dynamic = dynamic
         self.expected = expected  # the values read into Python while recording (see lrp.engine.values)
@@ -264,6 +264,9 @@ class Program:
         self.why_not_graphed: Optional[str] = None if graphs is not None else "CUDA graphs are off"
         self.replays = 0  # replays that ran the program itself, and passed their guards
         self.captures = 0
+        self.compiled: Optional[Callable[..., Any]] = None  # the main program compiled by torch.compile
+        self.why_not_compiled: Optional[str] = None if compile else "compile is off (compile=False)"
+        self._compiling = threading.Lock()
 
     def fresh(self) -> bool:
         """Whether no tensor held as a constant has been changed in place, or given other memory (``.data =``),
@@ -311,7 +314,11 @@ class Program:
     def _run(self, args: list[Tensor]) -> tuple[list[Tensor], bool]:
         """The program's outputs on ``args``, from its CUDA graph where it has a checked one, and whether they
         are. A graph is captured after the program itself has run once and passed its guards, and is used
-        once its first replay has given what the program gives on the same arguments."""
+        once its first replay has given what the program gives on the same arguments. With ``compile``, the
+        program is compiled first (:meth:`_compile`), and the graph captures the compiled program."""
+        runner = self.compiled if self.compiled is not None else self.main
+        if self.why_not_compiled is None and self.compiled is None and self.replays >= 1:
+            return self._compile(args), False
         graphed = self.graphed
         if graphed is not None:
             try:
@@ -325,7 +332,7 @@ class Program:
             elif graphed.checked:
                 return out, True
             else:  # the first replay of a new graph: checked against the program, whose result is returned
-                plain = list(self.main(*args))
+                plain = list(runner(*args))
                 problem = Graphed.agree(out, plain)
                 if problem:
                     self.graphed, self.why_not_graphed = None, f"its CUDA graph disagreed with it: {problem}"
@@ -333,10 +340,33 @@ class Program:
                     graphed.checked = True
                 return plain, False
         if self.graphs is not None and self.why_not_graphed is None and self.replays >= 1:
-            self._capture(args)
-        return list(self.main(*args)), False
+            self._capture(args, runner)
+        return list(runner(*args)), False
 
-    def _capture(self, args: list[Tensor]) -> None:
+    def _compile(self, args: list[Tensor]) -> list[Tensor]:
+        """The program's outputs on ``args``; compiles it with ``torch.compile`` (inductor, static shapes) and
+        keeps the compiled program if its outputs agree with the program's to a relative 1e-2 of each output's
+        largest magnitude (inductor fuses and reorders floating-point work: the results are close, not bit for
+        bit); otherwise says why not and keeps running the program itself."""
+        plain = list(self.main(*args))
+        if not self._compiling.acquire(blocking=False):  # another thread compiles it
+            return plain
+        try:
+            compiled = torch.compile(self.main, dynamic=False)
+            problem = Graphed.agree(list(compiled(*args)), plain, tolerance=1e-2)
+        except Exception as exc:  # no compiler, an operation inductor cannot compile, ...
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.why_not_compiled = f"torch.compile failed: {type(exc).__name__}: {first}"
+        else:
+            if problem:
+                self.why_not_compiled = f"the compiled program disagreed with it: {problem}"
+            else:
+                self.compiled = compiled
+        finally:
+            self._compiling.release()
+        return plain
+
+    def _capture(self, args: list[Tensor], runner: Callable[..., Any]) -> None:
         assert self.graphs is not None
         if self.captures >= _CAPTURES:
             self.why_not_graphed = (f"a new graph was needed {_CAPTURES} times (the weight-derived tensors were "
@@ -348,7 +378,7 @@ class Program:
             return
         self.captures += 1
         try:
-            self.graphed = Graphed(self.main, args, self.dynamic, self.graphs, [t for _, t in _constants(self.main)])
+            self.graphed = Graphed(runner, args, self.dynamic, self.graphs, [t for _, t in _constants(self.main)])
         except Exception as exc:  # an operation that cannot be captured: replays run the program itself
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.why_not_graphed = f"capturing it failed: {type(exc).__name__}: {first}"
@@ -567,7 +597,7 @@ def _one_fake_mode() -> Any:
 
 
 def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], inputs: int,
-           graphs: Optional[GraphPool] = None, kept: Optional[KeptTensors] = None
+           graphs: Optional[GraphPool] = None, kept: Optional[KeptTensors] = None, compile: bool = False
            ) -> tuple[Any, Optional[Program], str]:
     """Run ``run(args)`` once under torch's tracer and return its result, the :class:`Program` that repeats it
     (``None`` where it cannot be replayed) and, then, the reason. The first ``inputs`` arguments change from
@@ -575,7 +605,8 @@ def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], input
     lists and tuples of tensors and other values; only its tensors are recomputed by the program, the rest is
     kept. ``lrp``'s own errors propagate; another failure of the tracer leaves the caller to run eagerly.
     With ``graphs``, the program's replays on a GPU run as CUDA graphs of that pool (:mod:`lrp.engine.graphs`);
-    with ``kept``, its weight-derived tensors are shared with the other programs of that store."""
+    with ``kept``, its weight-derived tensors are shared with the other programs of that store; with
+    ``compile``, its replays run it compiled by ``torch.compile``."""
     holder: dict[str, Any] = {}
 
     def traced(*flat: Tensor) -> list[Tensor]:
@@ -607,4 +638,4 @@ def record(run: Callable[[Sequence[Tensor]], Any], args: Sequence[Tensor], input
     if dynamic:
         return holder["result"], None, f"{dynamic[0].target} gives a result whose shape depends on the data"
     return holder["result"], Program(graph, holder["template"], inputs, holder["expected"], graphs,
-                                     holder["readers"], kept), ""
+                                     holder["readers"], kept, compile), ""
