@@ -6,7 +6,7 @@ as the explainer runs it and compiled with ``torch.compile`` (inductor), on the 
 Random weights (fixed seed), 224x224, epsilon-plus-flat. The program is the main program of the explainer's
 recording (forward, rules and backward as ATen operations), its arguments the input, the model's tensors and
 the weight-derived tensors, run under no_grad. Prints the compile time (first call), the median of ``--reps``
-calls of each after that, their ratio, and the largest difference of the relevance relative to its largest
+calls of each after that (alternating), their ratio, and the largest difference of the relevance relative to its largest
 magnitude (inductor fuses and reorders floating-point work, so the compiled program is not bit for bit).
 """
 
@@ -46,17 +46,14 @@ def main() -> None:
     state = explainer._state.tensors
     arguments = [x, *state, *program._folded(state)]
 
-    def timed(run) -> float:
-        times = []
-        for _ in range(args.reps):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(*arguments)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def seconds(run) -> float:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(*arguments)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
     with torch.no_grad():
         reference = program.main(*arguments)
@@ -64,7 +61,12 @@ def main() -> None:
         compiled = torch.compile(program.main, dynamic=False)
         result = compiled(*arguments)
         compile_seconds = time.perf_counter() - start
-        plain, fast = timed(program.main), timed(compiled)
+        times: dict[str, list[float]] = {"plain": [], "compiled": []}
+        for rep in range(args.reps):  # alternating, the first of each pair swapped every time: drift hits both
+            order = [("plain", program.main), ("compiled", compiled)]
+            for name, run in order if rep % 2 == 0 else order[::-1]:
+                times[name].append(seconds(run))
+        plain, fast = statistics.median(times["plain"]), statistics.median(times["compiled"])
     difference = float((result[0] - reference[0]).abs().max() / reference[0].abs().max())
     print("\n".join(machine_lines([f"torchvision {torchvision.__version__}", f"lrp {lrp.__version__}"])))
     print(f"{args.model} batch {args.batch} on {args.device}: compile {compile_seconds:.1f} s; replayed program "

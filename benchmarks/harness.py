@@ -179,8 +179,13 @@ def warmed_explainer(explainer: Any, call: Callable[[], object], device: str, ta
         torch.cuda.empty_cache()
         held = f"; held between calls {(torch.cuda.memory_reserved() - before) / 2**20:.0f} MB"
     why = explainer.why_not_graphed
+    compiled = ""
+    if getattr(explainer, "compile", False):
+        reason = explainer.why_not_compiled
+        compiled = "; compiled" if reason is None else f"; not compiled: {reason}"
     EXPLAINER_NOTES.append(f"- {tag}: calls {dict(explainer.calls)}; "
-                           f"{'replays run as a CUDA graph' if why is None else 'no CUDA graph: ' + why}{held}")
+                           f"{'replays run as a CUDA graph' if why is None else 'no CUDA graph: ' + why}"
+                           f"{compiled}{held}")
     return call
 
 

@@ -2,7 +2,7 @@
 on the CPU or a CUDA GPU.
 
     .venv/bin/python benchmarks/speed.py [--device {cpu,cuda}] [--models M,...] [--batches B,...]
-                                         [--autocast {none,bf16,fp16}] [--quick] [--out FILE]
+                                         [--autocast {none,bf16,fp16}] [--quick] [--compile] [--out FILE]
 
 Defaults: --device cpu: --models vgg16,resnet50, --batches 1,8 (--quick: 1); --device cuda: --models
 vgg16,resnet50,vit_b_16, --batches 1,32 (also with --quick). --quick: 3 timed repetitions instead of 7.
@@ -27,7 +27,8 @@ canonizer or rules for attention. The rows "lrp Explainer ... (replayed)" (one `
 called six times outside the timing, so that every timed call replays its recorded program; on a GPU the last
 three calls capture, check and use its CUDA graph) appear only when the installed lrp has ``lrp.Explainer``. Their memory on the CPU is the rise over two replays after the freed memory of the
 warm-up calls is given back to the system; the weight-derived tensors the explainer keeps (``W+``, merged
-BatchNorms), allocated once by its first replay, are not in it. On cuda a note per explainer says whether its
+BatchNorms), allocated once by its first replay, are not in it. --compile adds a row of an explainer with
+``compile=True`` (its program compiled by torch.compile in the warm-up calls: about a minute per row here). On cuda a note per explainer says whether its
 replays ran as a CUDA graph and the memory it holds between calls (graph pool and kept tensors), which the
 peak column (allocations during a call) does not show.
 """
@@ -73,6 +74,7 @@ def available_methods() -> dict[str, str]:
     methods = {"forward": "forward", "grad": "grad x input", "lrp-epf": "lrp epsilon-plus-flat"}
     if hasattr(lrp, "Explainer"):
         methods["lrp-epf-explainer"] = "lrp Explainer epsilon-plus-flat (replayed)"
+        methods["lrp-epf-explainer-compiled"] = "lrp Explainer epsilon-plus-flat (replayed, compiled)"
     methods["lrp-egb"] = "lrp epsilon-gamma-box"
     if hasattr(lrp, "Explainer"):
         methods["lrp-egb-explainer"] = "lrp Explainer epsilon-gamma-box (replayed)"
@@ -148,10 +150,10 @@ def make_method(key: str, model_name: str, model: torch.nn.Module, x: torch.Tens
     if key == "lrp-egb":
         comp = lrp.composite("epsilon-gamma-box", low=-3.0, high=3.0)
         return lambda: lrp.explain(model, x, composite=comp).relevance
-    if key in ("lrp-epf-explainer", "lrp-egb-explainer"):
-        composite = "epsilon-plus-flat" if key == "lrp-epf-explainer" else \
+    if key in ("lrp-epf-explainer", "lrp-egb-explainer", "lrp-epf-explainer-compiled"):
+        composite = "epsilon-plus-flat" if key != "lrp-egb-explainer" else \
             lrp.composite("epsilon-gamma-box", low=-3.0, high=3.0)
-        explainer = lrp.Explainer(model, composite=composite)
+        explainer = lrp.Explainer(model, composite=composite, compile=key.endswith("-compiled"))
         # explained eagerly, recorded, then replayed (the first replay builds the weight-derived tensors the
         # explainer keeps; on a GPU the next ones capture and check its CUDA graph): every timed or measured call
         # is a replay as the ones that follow
@@ -301,6 +303,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--autocast", choices=list(AUTOCAST), default="none",
                         help="run forward, gradient and lrp under torch.autocast with this dtype (fp16: cuda only)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 repetitions (and batch 1 on cpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row of the Explainer with compile=True (torch.compile: a minute per row to build)")
     parser.add_argument("--out", help="also write the Markdown report to this file")
     parser.add_argument("--measure-memory", nargs=3, metavar=("MODEL", "BATCH", "METHOD"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -329,6 +333,8 @@ def main() -> None:
         measure_memory(model_name, int(batch), key, Setup("cpu", args.autocast, 1))
         return
     models, batches = check_args(args)
+    if not args.compile:
+        METHODS.pop("lrp-epf-explainer-compiled", None)
     torch.set_num_threads(THREADS)
     setup = Setup(args.device, args.autocast, 3 if args.quick else 7)
     header = header_lines(setup)

@@ -258,10 +258,10 @@ class Explainer:
     ``compile=True`` also compiles each program with ``torch.compile`` (inductor) in its second replay, and uses
     it once its outputs agree with the program's to 1e-2 of their largest magnitude: inductor fuses and
     reorders floating-point work, so the relevance is close to ``explain``'s, not bit for bit. Compiling takes
-    seconds to minutes per program and needs a C++ compiler on the CPU (Triton on a GPU); it pays where
-    elementwise work is a large part of the time (on a 2-core CPU: VGG16 at batch 8, 0.83x the program's time;
-    ResNet18 at batch 1, 1.05x: ``benchmarks/compile_replay.py``). ``why_not_compiled`` says why a program is
-    not compiled.
+    seconds to minutes per program and needs a C++ compiler on the CPU (Triton on a GPU). On a 2-core CPU it
+    hardly pays (VGG16 at batch 8: 0.95x the program's time; ResNet18 at batch 1: 1.09x;
+    ``benchmarks/compile_replay.py``); on a GPU, where it fuses the rules' elementwise passes, it is yet to be
+    measured. ``why_not_compiled`` says why a program is not compiled.
 
     Eager calls keep what does not depend on the input between calls: the tensors rules build from the
     weights (``W+``, BatchNorm merged into the layer before it, flat counts, w^2 sums, z^B offsets), used again
