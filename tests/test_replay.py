@@ -807,3 +807,20 @@ def test_a_program_that_does_not_compile_well_runs_as_recorded(monkeypatch, trou
     else:
         assert explainer.why_not_compiled.startswith("the compiled program disagreed with it: output 0 differs")
     assert lrp.Explainer(model).why_not_compiled == "compile is off (compile=False)"
+
+
+def test_programs_that_write_buffers_or_draw_are_not_compiled(monkeypatch):
+    """Checking a compiled program runs the program twice: a buffer written in ``forward`` would be written
+    twice, and random numbers drawn anew."""
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled"))
+    counting = Counting().double().eval()
+    explainer = lrp.Explainer(counting, "epsilon", compile=True)
+    for seed in range(5):
+        explainer(_varied(_features(), seed))
+    assert explainer.why_not_compiled == "the program writes the model's tensors"
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    explainer = lrp.Explainer(dropout, "epsilon", eval_mode=False, compile=True)
+    for seed in range(5):
+        explainer(_varied(_features(), seed).float())
+    assert explainer.why_not_compiled == "the program draws random numbers"

@@ -349,6 +349,10 @@ class Program:
         largest magnitude (inductor fuses and reorders floating-point work: the results are close, not bit for
         bit); otherwise says why not and keeps running the program itself."""
         plain = list(self.main(*args))
+        if self.written or _draws(self.main):  # a second run to check it would write or draw again
+            self.why_not_compiled = ("the program writes the model's tensors" if self.written else
+                                     "the program draws random numbers")
+            return plain
         if not self._compiling.acquire(blocking=False):  # another thread compiles it
             return plain
         try:
@@ -414,6 +418,12 @@ def _signature(graph: torch.fx.GraphModule) -> str:
             target = node.target
         items.append((node.op, str(target), repr(arguments)))
     return repr(items)
+
+
+def _draws(graph: torch.fx.GraphModule) -> bool:
+    """Whether ``graph`` draws random numbers."""
+    return any(isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
+               for n in graph.graph.nodes if n.op == "call_function")
 
 
 _CAPTURES = 3  # graphs captured for one program before its replays run without one for good
