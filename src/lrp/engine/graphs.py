@@ -184,7 +184,7 @@ def why_not_graphed(graph: torch.fx.GraphModule, args: Sequence[Tensor], copied:
         if node.op != "call_function":
             continue
         target = node.target
-        if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
+        if seeded(node):
             return f"the program draws random numbers ({target})"
         for value in _tensors(node.meta.get("val")):
             if value.device != device:
@@ -192,6 +192,18 @@ def why_not_graphed(graph: torch.fx.GraphModule, args: Sequence[Tensor], copied:
         if target is torch.ops.aten._local_scalar_dense.default:
             return f"{target} reads a value on the host"
     return ""
+
+
+def draws(graph: torch.fx.GraphModule) -> bool:
+    """Whether the program ``graph`` draws random numbers (a second run would draw others)."""
+    return any(seeded(node) for node in graph.graph.nodes)
+
+
+def seeded(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an operation that draws random numbers."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
+        torch.Tag.nondeterministic_seeded in target.tags
 
 
 def _tensors(value: Any) -> list[Tensor]:

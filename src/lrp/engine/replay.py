@@ -36,7 +36,7 @@ import torch
 
 from ..errors import LRPError
 from . import values
-from .graphs import GraphPool, Graphed, why_not_graphed
+from .graphs import GraphPool, Graphed, draws, seeded, why_not_graphed
 from .propagate import fingerprints
 
 Tensor = torch.Tensor
@@ -349,7 +349,7 @@ class Program:
         largest magnitude (inductor fuses and reorders floating-point work: the results are close, not bit for
         bit); otherwise says why not and keeps running the program itself."""
         plain = list(self.main(*args))
-        if self.written or _draws(self.main):  # a second run to check it would write or draw again
+        if self.written or draws(self.main):  # a second run to check it would write or draw again
             self.why_not_compiled = ("the program writes the model's tensors" if self.written else
                                      "the program draws random numbers")
             return plain
@@ -418,12 +418,6 @@ def _signature(graph: torch.fx.GraphModule) -> str:
             target = node.target
         items.append((node.op, str(target), repr(arguments)))
     return repr(items)
-
-
-def _draws(graph: torch.fx.GraphModule) -> bool:
-    """Whether ``graph`` draws random numbers."""
-    return any(isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
-               for n in graph.graph.nodes if n.op == "call_function")
 
 
 _CAPTURES = 3  # graphs captured for one program before its replays run without one for good
@@ -540,9 +534,7 @@ def _split(graph: torch.fx.GraphModule, dynamic: int
         if node.op == "get_attr":
             static.add(node)
         elif node.op == "call_function" and node.all_input_nodes and all(a in static for a in node.all_input_nodes):
-            target = node.target
-            seeded = isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
-            if not seeded:
+            if not seeded(node):
                 static.add(node)
     frontier = [n for n in nodes if n in static and n.op != "placeholder"
                 and any(u not in static for u in n.users)]
