@@ -50,8 +50,10 @@ lint: setup
 	$(PY) -m ruff check src/lrp
 	$(PY) -m mypy
 
+# in parallel, one worker per core (pytest-xdist), each test file on one worker (its module fixtures built once);
+# tests/conftest.py gives each worker one torch thread
 test: setup lxt-overlay browser lint
-	LRP_LXT_OVERLAY=$(abspath $(LXT_OVERLAY)) $(PY) -m pytest
+	LRP_LXT_OVERLAY=$(abspath $(LXT_OVERLAY)) $(PY) -m pytest -n auto --dist loadfile
 
 # the device lane (tests/device_lane.py): the tests that run models (those taking the `device` fixture, marked
 # `device`) on LRP_TEST_DEVICE, here CUDA; without a GPU each skips with the reason. TEST_DEVICE=cuda:1 picks another.

@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.manual_seed(0)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # tests run in several worker processes (pytest -n N, as `make test` does): one torch thread each, and one
+    # for the processes they start, so that workers do not wait on each other's OpenMP barriers
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from device_lane import DEVICE_ENV, lane_spec, lane_summary, skip_reason  # noqa: E402
 
