@@ -357,3 +357,57 @@ def test_explain_leaves_no_reference_cycles_behind():
     finally:
         gc.enable()
     assert found == 0
+
+
+def _small_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+@pytest.mark.parametrize("how", ["input made under inference_mode", "called under inference_mode"])
+def test_inference_mode_inputs_and_calls_are_explained(how):
+    """torch.inference_mode() is how servers run models: an input made under it, or a call made under it, is
+    explained as a plain input is (explain runs outside inference mode, on a clone of such an input)."""
+    model, x = _small_mlp(), torch.randn(2, 6)
+    want = lrp.explain(model, x)
+    explainer = lrp.Explainer(model)
+    for _ in range(4):  # eager, recorded, replayed
+        if how == "input made under inference_mode":
+            with torch.inference_mode():
+                given = x.clone()
+            got = [lrp.explain(model, given), explainer(given)]
+        else:
+            with torch.inference_mode():
+                got = [lrp.explain(model, x), explainer(x)]
+        for res in got:
+            assert torch.equal(res.relevance, want.relevance) and not res.relevance.is_inference()
+    assert explainer.calls["replayed"] == 2, explainer.calls
+
+
+def test_a_model_made_under_inference_mode_is_refused_with_the_way_out():
+    with torch.inference_mode():
+        model = _small_mlp()
+    flags = [p.requires_grad for p in model.parameters()]
+    for explain in (lambda x: lrp.explain(model, x), lrp.Explainer(model)):
+        with pytest.raises(lrp.LRPError, match=r"'0.weight' was made under torch.inference_mode\(\).*outside"):
+            explain(torch.randn(2, 6))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    with torch.no_grad():  # lrp.evaluate's forward passes leave such a model as it was, too
+        lrp.evaluate.perturbation_curve(model, torch.randn(2, 6), torch.randn(2, 6), steps=2)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_a_module_held_in_a_plain_list_is_named_as_such():
+    class Listed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.extra = [nn.Linear(4, 3)]  # not registered: its parameters are not the model's
+
+        def forward(self, x):
+            return self.extra[0](x)
+
+    model = Listed()
+    with pytest.raises(lrp.UnsupportedOperationError, match="not among the model's parameters.*plain list"):
+        lrp.explain(model, torch.randn(2, 4))
+    model.extra[0].requires_grad_(False)  # the way out the message gives
+    assert lrp.explain(model, torch.randn(2, 4)).relevance.shape == (2, 4)

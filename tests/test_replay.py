@@ -704,6 +704,114 @@ def test_class_attributes_and_a_patched_forward_are_seen():
         ScaledByClass.forward = lambda self, x: self.fc(x) * self.k
 
 
+class Shifted(nn.Module):
+    """A base class whose attribute and method its subclass uses."""
+    shift = 0.0
+
+    def act(self, h):
+        return torch.relu(h + self.shift)
+
+
+class ShiftedNet(Shifted):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("change", ["base class attribute", "base class method"])
+def test_what_a_base_class_defines_is_seen(change):
+    model, x = ShiftedNet().double().eval(), _features()
+    explainer = lrp.Explainer(model)
+
+    def apply():
+        if change == "base class attribute":
+            Shifted.shift = -0.5
+        else:
+            Shifted.act = lambda self, h: torch.relu(-h)
+
+    try:
+        _replayed_then(explainer, model, x, apply)
+    finally:
+        Shifted.shift = 0.0
+        Shifted.act = lambda self, h: torch.relu(h + self.shift)
+
+
+class ScaledEpsilon(lrp.rules.Epsilon):
+    """A rule of the user's whose backward reads an attribute of its class."""
+    scale = 1.0
+
+    def backward(self, ctx, g, R):
+        return super().backward(ctx, g, R) * self.scale
+
+
+def test_what_a_rule_class_defines_is_seen():
+    model, x = Net().double().eval(), _image()
+    composite = lrp.Composite(default=ScaledEpsilon())
+    explainer = lrp.Explainer(model, composite)
+    _warm(explainer, x)
+    before = explainer(x)
+    assert explainer.calls["replayed"] == 1
+    try:
+        ScaledEpsilon.scale = 10.0
+        for _ in range(3):
+            after = explainer(x)
+            _same(after, lrp.explain(model, x, composite=composite))
+    finally:
+        ScaledEpsilon.scale = 1.0
+    assert not torch.equal(after.relevance, before.relevance)
+
+
+def test_tensor_bounds_changed_in_place_are_read_on_every_replay():
+    model, x = Net().double().eval(), _image()
+    low, high = torch.full((3, 1, 1), -3.0, dtype=torch.float64), torch.full((3, 1, 1), 3.0, dtype=torch.float64)
+    composite = lrp.composite("epsilon-gamma-box", low=low, high=high)
+    explainer = lrp.Explainer(model, composite)
+    _warm(explainer, x)
+    for k in range(4):
+        low.mul_(1.5)  # the rule's repr shows their shape, not their values: no guard on them
+        _same(explainer(x), lrp.explain(model, x, composite=composite))
+    assert explainer.calls["replayed"] == 4, explainer.calls
+
+
+def test_a_model_error_while_recording_does_not_stop_later_replays():
+    class FailsOnce(Net):
+        def __init__(self):
+            super().__init__()
+            self.state = {"fail": False}  # changed in place below: not a change of the model's state
+
+        def forward(self, x):
+            if self.state["fail"]:
+                raise ValueError("bad batch")
+            return super().forward(x)
+
+    model, x = FailsOnce().double().eval(), _image()
+    explainer = lrp.Explainer(model)
+    explainer(x)
+    model.state["fail"] = True
+    with pytest.raises(ValueError, match="bad batch"):
+        explainer(x)  # the recording call: the model raises under the tracer, and again eagerly
+    model.state["fail"] = False
+    for _ in range(3):
+        _same(explainer(x), lrp.explain(model, x))
+    assert explainer.calls["recorded"] == 1 and explainer.calls["replayed"] == 2, explainer.calls
+    assert explainer.why_not_replayed is None
+
+
+def test_an_input_of_a_tensor_subclass_does_not_stop_plain_inputs_from_replaying():
+    tv_tensors = pytest.importorskip("torchvision.tv_tensors")
+    model, x = Net().double().eval(), _image()
+    explainer = lrp.Explainer(model)
+    for _ in range(3):  # the tracer does not follow this subclass: its calls are explained eagerly
+        _same(explainer(tv_tensors.Image(x)), lrp.explain(model, x))
+    for _ in range(3):
+        _same(explainer(x), lrp.explain(model, x))
+    assert explainer.calls["replayed"] >= 1, explainer.calls
+
+
 def test_a_model_that_changes_itself_every_call_says_so():
     class Remembers(nn.Module):
         def __init__(self):

@@ -157,7 +157,8 @@ def explain(
     where autograd needs the activation's dtype (clamped to its finite range, so float16 gives no ``inf``).
     ``output``, ``logits`` and ``start`` keep the model's dtype.
     """
-    return _explain(model, x, target, resolve(composite), start, from_logits, record_layers, eval_mode, None)
+    with torch.inference_mode(False):  # explaining needs autograd; inference tensors among the inputs are cloned
+        return _explain(model, x, target, resolve(composite), start, from_logits, record_layers, eval_mode, None)
 
 
 def check_batch(name: str, t: Tensor, first: Tensor) -> None:
@@ -179,16 +180,25 @@ def _check(model: object, x: object) -> list[Tensor]:
     if several and not given:
         raise LRPError(f"x is an empty {type(x).__name__}: give the model's inputs, one tensor each")
     inputs: list[Tensor] = []
+    clones: dict[int, Tensor] = {}
     for k, t in enumerate(given):
         name = f"input {k} of {len(given)}" if several else "x"
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}"
                             + (" (pass other arguments with functools.partial(model, ...) or a wrapper module)"
                                if several else " (a model with several inputs takes them as a tuple)"))
+        if t.is_inference():  # made under torch.inference_mode(): autograd cannot record it, a clone it can
+            t = clones.setdefault(id(t), t.clone())
         inputs.append(t)
         if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
             raise LRPError(f"{name} must be a floating-point tensor or integer token ids, got {t.dtype}")
         check_batch(name, t, inputs[0])
+    inference = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()),
+                     None)
+    if inference is not None:
+        raise LRPError(f"the model's tensor '{inference}' was made under torch.inference_mode(): autograd cannot "
+                       f"record an inference tensor, and lrp explains through autograd. Build or load the model "
+                       f"outside torch.inference_mode() (torch.no_grad() is fine)")
     scripted = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
     if scripted:
         raise LRPError(f"module '{scripted[0]}' is TorchScript: its operations run inside the TorchScript "
@@ -303,6 +313,11 @@ class Explainer:
     def __call__(self, x: Inputs, target: TargetSpec = None, *, start: StartSpec = "score", from_logits: bool = True,
                  record_layers: bool = False) -> Explanation:
         """As :func:`explain` with this explainer's model and composite."""
+        with torch.inference_mode(False):  # as in explain
+            return self._call(x, target, start, from_logits, record_layers)
+
+    def _call(self, x: Inputs, target: TargetSpec, start: StartSpec, from_logits: bool,
+              record_layers: bool) -> Explanation:
         if not self.replay or not isinstance(start, str):  # a start tensor is explained eagerly
             return self._eager(x, target, start, from_logits, record_layers)
         inputs = _check(self.model, x)
@@ -368,9 +383,14 @@ class Explainer:
         finally:
             found.recording = False
         if found.program is None:
+            said = self.why_not_replayed
             found.refused = self.why_not_replayed = reason
             if result is None:  # the recording stopped part way
-                return self._eager(x, target, start, from_logits, record_layers)
+                try:
+                    return self._eager(x, target, start, from_logits, record_layers)
+                except Exception:  # the model fails on this input, not only under the tracer: the tracer is
+                    found.refused, self.why_not_replayed = None, said  # not to blame; the next call records
+                    raise
             self._count("eager")  # explained, under the tracer, but not to be replayed
             return Explanation(**result)
         self._count("recorded")

@@ -128,8 +128,16 @@ class LayerRule:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        params = ", ".join(f"{k}={_shown(v)}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
+
+
+def _shown(value: Any) -> str:
+    """A rule's parameter as its repr shows it; a tensor by shape and dtype, not its values: reading them would make
+    them part of what an ``lrp.Explainer`` recording checks (a guard) rather than an input of its program."""
+    if isinstance(value, Tensor):
+        return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return repr(value)
 
 
 class Epsilon(LayerRule):

@@ -342,6 +342,14 @@ def _layer(trace: "Trace", name: str, func: Callable, args: tuple, kwargs: dict)
             raise unsupported(trace, name)
         return func(*args, **kwargs)
     if needs_grad((weight, bias)):
+        loose = [t for t in (weight, bias) if isinstance(t, Tensor) and t.requires_grad and t.is_leaf]
+        if loose:  # not computed from the input: a tensor the model holds outside its parameters and buffers
+            raise UnsupportedOperationError(
+                f"'{name}' in {trace.where()} uses a weight of shape {tuple(loose[0].shape)} that requires "
+                f"gradients but is not among the model's parameters and buffers, which lrp freezes while it "
+                f"explains: a module held in a plain list or dict, or a tensor attribute with requires_grad=True. "
+                f"Register it (nn.ModuleList / nn.ModuleDict, an nn.Parameter attribute, register_buffer) or call "
+                f".requires_grad_(False) on it")
         raise UnsupportedOperationError(
             f"'{name}' in {trace.where()} uses weights computed from the input (a dynamic or hyper-network "
             f"layer); lrp's layer rules need fixed weights. Register a lrp.rules.ModuleRule for the module.")

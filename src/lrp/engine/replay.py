@@ -47,27 +47,25 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 
 
 class ModelState:
-    """What a recorded program assumes about the model, compared by identity: every module, the objects its
-    attributes hold (numbers, strings, flags, tuples, other objects; one changed in place is not seen), its
-    parameters, buffers and hooks, and, with ``modes``, its training flag. The objects are held, so an
-    identity cannot be reused by a new object while this state exists. (A tensor whose data is replaced by
-    one of another shape or dtype through ``.data =`` stays the same object: the program then fails on it.)"""
+    """What a recorded program assumes about the model, compared by identity: every module, what its class and
+    the classes it inherits from define (and the rules' classes), the objects its attributes hold (numbers,
+    strings, flags, tuples, other objects; one changed in place is not seen), its parameters, buffers and hooks,
+    and, with ``modes``, its training flag. The objects are held, so an identity cannot be reused by a new object
+    while this state exists. (A tensor whose data is replaced by one of another shape or dtype through ``.data =``
+    stays the same object: the program then fails on it.)"""
 
     def __init__(self, model: torch.nn.Module, modes: bool, rules: Any = None):
         held: list[Any] = []
         counts: list[int] = []
         self.rule_tensors: list[Tensor] = []
+        classes: set[type] = set()
         for part in rules or ():
-            _walk(part, held, counts, self.rule_tensors, 8)
+            _walk(part, held, counts, self.rule_tensors, 8, classes)
         hooks = torch.nn.modules.module
         for name in _GLOBAL_HOOKS:
             held.extend(getattr(hooks, name, {}).values())
-        classes: set[type] = set()
         for module in model.modules():
-            if type(module) not in classes:  # class attributes and methods (a patched forward)
-                classes.add(type(module))
-                held.append(type(module))
-                held.extend(vars(type(module)).values())
+            _class_state(type(module), held, counts, classes)  # class attributes and methods (a patched forward)
             attributes = module.__dict__
             held.append(module)
             counts.append(len(attributes))
@@ -113,9 +111,27 @@ class ModelState:
         return [t.data_ptr() for t in other.tensors] == other._storages
 
 
-def _walk(value: Any, held: list[Any], counts: list[int], tensors: list[Tensor], depth: int) -> None:
-    """Rules and what they hold (a composite's tables, rule objects' attributes, lists, nested to ``depth``)
-    into ``held`` by identity; tensors among them also into ``tensors``."""
+def _class_state(cls: type, held: list[Any], counts: list[int], seen: set[type]) -> None:
+    """``cls`` and every class it inherits from (but ``object``), each with what it defines (methods, class
+    attributes), into ``held`` by identity, once per class: a method patched or a class attribute set on any of
+    them (``Base.scale = 2``, ``nn.Linear.forward = ...``) is then a change. Of torch's own classes only
+    ``forward`` counts: torch patches others itself (``torch.compile`` wraps ``nn.Module.__init__`` once)."""
+    for klass in cls.__mro__[:-1]:
+        if klass in seen:
+            continue
+        seen.add(klass)
+        defined: Any = vars(klass)
+        if klass.__module__.startswith("torch."):
+            defined = {"forward": defined["forward"]} if "forward" in defined else {}
+        held.append(klass)
+        counts.append(len(defined))
+        held.extend(defined.values())
+
+
+def _walk(value: Any, held: list[Any], counts: list[int], tensors: list[Tensor], depth: int,
+          classes: set[type]) -> None:
+    """Rules and what they hold (a composite's tables, rule objects' attributes and classes, lists, nested to
+    ``depth``) into ``held`` by identity; tensors among them also into ``tensors``."""
     held.append(value)
     if isinstance(value, Tensor):
         tensors.append(value)
@@ -126,21 +142,23 @@ def _walk(value: Any, held: list[Any], counts: list[int], tensors: list[Tensor],
         counts.append(len(value))
         for k, v in value.items():
             held.append(k)
-            _walk(v, held, counts, tensors, depth - 1)
+            _walk(v, held, counts, tensors, depth - 1, classes)
     elif isinstance(value, (list, tuple)):
         counts.append(len(value))
         for v in value:
-            _walk(v, held, counts, tensors, depth - 1)
+            _walk(v, held, counts, tensors, depth - 1, classes)
     elif hasattr(value, "__dict__"):
+        _class_state(type(value), held, counts, classes)  # a rule's class attribute or method changed
         attributes = vars(value)
         counts.append(len(attributes))
         for v in attributes.values():
-            _walk(v, held, counts, tensors, depth - 1)
+            _walk(v, held, counts, tensors, depth - 1, classes)
 
 
 def input_signature(inputs: Sequence[Tensor]) -> tuple:
-    """What a program is specialised to about its inputs: shapes, strides, dtypes and devices."""
-    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+    """What a program is specialised to about its inputs: types (a tensor subclass may trace otherwise), shapes,
+    strides, dtypes and devices."""
+    return tuple((type(t), tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
 
 
 def global_state() -> tuple:

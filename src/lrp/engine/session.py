@@ -27,7 +27,8 @@ def model_lock(model: torch.nn.Module) -> threading.RLock:
 def frozen(model: torch.nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Run in eval mode (if ``eval_mode``) with parameter gradients off; restore modes and flags afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    # an inference tensor (made under torch.inference_mode()) takes no requires_grad=True outside it: left as it is
+    flags = [(p, p.requires_grad) for p in model.parameters() if not p.is_inference()]
     try:
         if eval_mode:
             try:
