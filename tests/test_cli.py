@@ -188,3 +188,71 @@ def test_explain_on_a_missing_device_is_one_line_not_a_traceback(digits, tmp_pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --device: device 'cuda:99'" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- found by a new-user bug hunt
+
+def _main(capsys, *argv) -> tuple[int, str]:
+    """``lrp`` in this process (argparse's refusals exit): its exit status and what it printed on stderr."""
+    from lrp.cli import main
+    try:
+        status = main(list(argv))
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "IN", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["explain", "IN", "--batch-size", "-2"], "argument --batch-size: must be at least 1, got -2"),
+    (["explain", "IN", "--cmap", "nope"], "argument --cmap: invalid choice: 'nope'"),
+    (["explain", "IN", "--crop", "-3"], "argument --crop: must be at least 0, got -3"),
+    (["explain", "IN", "--size", "-5"], "argument --size: must be at least 0, got -5"),
+    (["explain", "IN", "--low", "1", "--high", "0"], "--low 1.0 --high 0.0: the lowest input value must be below"),
+    (["evaluate", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["evaluate", "--limit", "-1990"], "argument --limit: must be at least 1, got -1990"),
+    (["evaluate", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+])
+def test_options_out_of_range_are_refused_before_anything_runs(digits, tmp_path, capsys, argv, message):
+    argv = [str(digits / "digit0.png") if a == "IN" else a for a in argv]
+    status, err = _main(capsys, *argv, "--out", str(tmp_path / "out"))
+    assert status == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "a folder in the way of summary.csv"])
+def test_an_output_folder_that_cannot_be_written_is_one_line(digits, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("kept")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "sub"}.get(where, tmp_path / "out")
+    if where == "a folder in the way of summary.csv":
+        (out / "summary.csv").mkdir(parents=True)
+    status, err = _main(capsys, "explain", str(digits / "digit0.png"), "--out", str(out))
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("is a file; give a folder" if where != "a folder in the way of summary.csv" else
+            "cannot write into --out") in err
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+def test_relevance_that_is_not_finite_is_a_failed_input_not_ok(tmp_path, capsys):
+    x, _ = lrp.models.mnist_digits("test", limit=2)
+    x = x.numpy().copy()
+    x[1] *= 1e38  # the model overflows on this one
+    np.save(tmp_path / "digits.npy", x)
+    status, err = _main(capsys, "explain", str(tmp_path / "digits.npy"), "--out", str(tmp_path / "out"))
+    assert status == 1, err
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["status"] for r in rows] == ["ok", "failed: relevance not finite (the model overflowed)"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.npy")) == ["digits_0_relevance.npy"]
+
+
+def test_a_torchvision_model_without_weights_is_said_to_be_random_and_is_the_same_every_run(tmp_path, capsys):
+    from lrp.pipeline import Pipeline
+    rng = torch.random.get_rng_state()
+    first, second = (Pipeline.load("resnet18").loaded.model.state_dict() for _ in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # seeded on the side: the caller's generator untouched
+    Image.fromarray(np.full((40, 40, 3), 128, dtype="uint8")).save(tmp_path / "grey.png")
+    status, err = _main(capsys, "explain", str(tmp_path / "grey.png"), "--model", "resnet18", "--size", "32",
+                        "--crop", "32", "--out", str(tmp_path / "out"))
+    assert status == 0, err
+    assert "note: --model resnet18 has random weights" in err and "--weights FILE" in err

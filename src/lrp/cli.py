@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 RANDOMISE = ("epsilon-plus-flat", "epsilon-gamma-box", "gradient")  # put through the randomisation check
 IMAGE_REMOVALS = ("blur", "uniform", "zero", "mean")  # what removed pixels become
@@ -45,6 +47,21 @@ class _ServeOption(argparse.Action):
         namespace.served = groups
 
 
+def _at_least(least: int):
+    """argparse type of a count option: an int of at least ``least`` (argparse names the option and exits 2)."""
+    def parse(text: str) -> int:
+        value = int(text)  # not an int: argparse says "invalid int value"
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+# the colour maps of lrp.visualize.COLORMAPS (not imported here: it would slow every command's start)
+CMAPS = ("bwr", "seismic", "coldnhot", "gray", "wred")
+
+
 def _device(spec: str) -> str:
     """argparse type of --device: the device if torch can use it here, else a message naming the way out."""
     from .errors import ModelError
@@ -69,9 +86,16 @@ def _serve(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace):
     """The pipeline for --model, --weights, --classes, the preprocessing options and --device."""
     from .pipeline import Pipeline
-    return Pipeline.load(args.model, args.weights, getattr(args, "classes", None), device=args.device, size=args.size,
-                         crop=args.crop, mean=args.mean, std=args.std, grayscale=args.grayscale,
-                         invert=args.invert, pixels=getattr(args, "pixels", None))
+    low, high = getattr(args, "low", None), getattr(args, "high", None)
+    if low is not None and high is not None and not low < high:
+        raise CommandError(f"--low {low} --high {high}: the lowest input value must be below the highest")
+    pipeline = Pipeline.load(args.model, args.weights, getattr(args, "classes", None), device=args.device,
+                             size=args.size, crop=args.crop, mean=args.mean, std=args.std, grayscale=args.grayscale,
+                             invert=args.invert, pixels=getattr(args, "pixels", None))
+    if pipeline.loaded.kind == "torchvision" and not args.weights:
+        _note(f"--model {args.model} has random weights (lrp downloads none), so its heatmaps explain an untrained "
+              f"network; give --weights FILE (a state dict, e.g. saved from torchvision's pretrained model)")
+    return pipeline
 
 
 def _note(text: str) -> None:
@@ -241,7 +265,7 @@ def _explain_store(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .errors import ModelError, TargetError, one_line
+    from .errors import InputError, ModelError, TargetError, one_line
     from .pipeline import expand_inputs
     from .pipeline.outputs import failed_row, summary_row, write, write_summary
     from .pipeline.text import is_text_spec
@@ -278,6 +302,9 @@ def _explain(args: argparse.Namespace) -> int:
     prepared = [item for _, item in ordered]
     comps = _composites(args, pipeline, args.composite, prepared) if prepared else {}
     out = Path(args.out)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CommandError(f"--out {out}: {blocker} is a file; give a folder")
     groups: dict = {}
     for item in prepared:
         groups.setdefault((item.kind, tuple(item.x.shape)), []).append(item)
@@ -297,21 +324,35 @@ def _explain(args: argparse.Namespace) -> int:
                         fail(item.source, exc, order[id(item)])
                     bar.update(len(batch))
                     continue
-                out.mkdir(parents=True, exist_ok=True)
                 for outcome in outcomes:
+                    if not (math.isfinite(outcome.score) and bool(outcome.relevance.isfinite().all())):
+                        fail(outcome.prepared.source, InputError("relevance not finite (the model overflowed)"),
+                             order[id(outcome.prepared)])
+                        continue
                     stem = _unique_stem(outcome.prepared.source, used)
-                    for name in write(outcome, out, stem, args.cmap):
-                        written_kinds.add(name[len(stem) + 1:])
+                    with _writing(out):
+                        for name in write(outcome, out, stem, args.cmap):
+                            written_kinds.add(name[len(stem) + 1:])
                     rows.append((order[id(outcome.prepared)], summary_row(outcome, pipeline, stem)))
                     explained += 1
                 bar.update(len(batch))
-    out.mkdir(parents=True, exist_ok=True)
-    write_summary(out / "summary.csv", [row for _, row in sorted(rows, key=lambda r: r[0])])
+    with _writing(out):
+        write_summary(out / "summary.csv", [row for _, row in sorted(rows, key=lambda r: r[0])])
     failures = sum(1 for _, row in rows if row["status"] != "ok")
     kinds = ", ".join(f"<name>_{kind}" for kind in sorted(written_kinds))
     print(f"explained {explained} of {explained + failures} inputs into {out}/ ({kinds or 'nothing'}); "
           f"summary.csv lists each input" + (f"; {failures} failed (see errors above)" if failures else ""))
     return 1 if failures else 0
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Create ``out`` and write into it; a file that cannot be written is one error line, not a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        raise CommandError(f"cannot write into --out {out}: {exc.strerror or exc} ({exc.filename or out})") from None
 
 
 def _evaluation_inputs(args: argparse.Namespace, pipeline):
@@ -586,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"answering model); default: mnist, spam and vqa; repeat to serve several")
     sv.add_argument("--weights", action=_ServeOption, help="a state dict for the --model before it")
     sv.add_argument("--classes", action=_ServeOption, help="text file with one class name per line")
-    sv.add_argument("--size", type=int, action=_ServeOption, help="resize images: shorter side in pixels")
-    sv.add_argument("--crop", type=int, action=_ServeOption, help="centre-crop images to this square size")
+    sv.add_argument("--size", type=_at_least(0), action=_ServeOption, help="resize images: shorter side in pixels")
+    sv.add_argument("--crop", type=_at_least(0), action=_ServeOption, help="centre-crop images to this square size")
     sv.add_argument("--mean", type=float, nargs="+", action=_ServeOption, help="per-channel mean to subtract")
     sv.add_argument("--std", type=float, nargs="+", action=_ServeOption, help="per-channel std to divide by")
     sv.add_argument("--pixels", choices=PIXEL_CHOICES, action=_ServeOption,
@@ -636,9 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default spam, so that red is spam and blue is ham); for a language model "
                                      "the next token: a token such as ' Paris' or a token id")
     ex.add_argument("--classes", help="text file with one class name per line")
-    ex.add_argument("--size", type=int, help="resize images so the shorter side has this many pixels (0: no "
+    ex.add_argument("--size", type=_at_least(0), help="resize images so the shorter side has this many pixels (0: no "
                                              "resizing; default: see below)")
-    ex.add_argument("--crop", type=int, help="centre-crop images to this square size (0: no cropping)")
+    ex.add_argument("--crop", type=_at_least(0), help="centre-crop images to this square size (0: no cropping)")
     ex.add_argument("--mean", type=float, nargs="+", help="per-channel mean to subtract")
     ex.add_argument("--std", type=float, nargs="+", help="per-channel standard deviation to divide by")
     ex.add_argument("--pixels", choices=PIXEL_CHOICES,
@@ -647,9 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(0..255); default: by the model (see below)")
     ex.add_argument("--grayscale", action="store_true", help="read images as one channel")
     ex.add_argument("--invert", action="store_true", help="invert images (white on black <-> black on white)")
-    ex.add_argument("--batch-size", type=int, default=16)
+    ex.add_argument("--batch-size", type=_at_least(1), default=16)
     ex.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
-    ex.add_argument("--cmap", default="bwr", help="colour map: bwr, seismic, coldnhot, gray, wred")
+    ex.add_argument("--cmap", default="bwr", choices=CMAPS, help="colour map: bwr, seismic, coldnhot, gray, wred")
     ex.add_argument("--out", default="lrp-out", help="output folder (default: lrp-out)")
     st = ex.add_argument_group("dataset runs (--store zarr; see docs/scale.md)")
     st.add_argument("--store", choices=["files", "zarr"], default="files",
@@ -699,13 +740,14 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{' '.join(baselines.METHODS)}, also for --benchmark; --model spam: "
                          f"{' '.join(_text_methods())})")
     ev.add_argument("--randomise", nargs="*",
-                    help=f"methods to put through the randomisation check (default: {' '.join(RANDOMISE)}; none "
-                         f"to skip; images and arrays)")
-    ev.add_argument("--randomisation-samples", type=int, default=16, help="inputs for the randomisation check")
-    ev.add_argument("--limit", type=int, help="evaluate on at most this many inputs (default 300; --model spam: "
-                                              "200 held-out mails, spread over ham and spam; --benchmark "
-                                              "shapes-vqa: the first 1,000 held-out questions)")
-    ev.add_argument("--steps", type=int, help="perturbation steps (default 50; --model spam: 10)")
+                    help=f"methods to put through the randomisation check (default: {' '.join(RANDOMISE)}; "
+                         f"--randomise with no names skips it; images and arrays)")
+    ev.add_argument("--randomisation-samples", type=_at_least(0), default=16,
+                    help="inputs for the randomisation check (0 skips it)")
+    ev.add_argument("--limit", type=_at_least(1),
+                    help="evaluate on at most this many inputs (default 300; --model spam: 200 held-out mails, "
+                         "spread over ham and spam; --benchmark shapes-vqa: the first 1,000 held-out questions)")
+    ev.add_argument("--steps", type=_at_least(1), help="perturbation steps (default 50; --model spam: 10)")
     ev.add_argument("--patch", type=int, default=1, help="region size in pixels (default 1: pixel flipping)")
     ev.add_argument("--replace", nargs="+", choices=[*IMAGE_REMOVALS, *TEXT_REMOVALS],
                     help="what removed pixels become: blur (default), uniform, zero, mean; for --model spam how "
@@ -713,15 +755,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "(dropped, the gap closed), both by default; several give one table each")
     ev.add_argument("--score", choices=["logit", "probability"], default="logit",
                     help="score tracked while removing: the explained logit (default) or its softmax probability")
-    for flag, kwargs in (("--size", dict(type=int)), ("--crop", dict(type=int)),
+    for flag, kwargs in (("--size", dict(type=_at_least(0))), ("--crop", dict(type=_at_least(0))),
                          ("--mean", dict(type=float, nargs="+")), ("--std", dict(type=float, nargs="+")),
                          ("--pixels", dict(choices=PIXEL_CHOICES)), ("--grayscale", dict(action="store_true")),
                          ("--invert", dict(action="store_true")), ("--low", dict(type=float)),
                          ("--high", dict(type=float))):
         ev.add_argument(flag, help="as for lrp explain", **kwargs)
     ev.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
-    ev.add_argument("--batch-size", type=int, help="perturbed inputs per forward pass (default 256; --model spam: "
-                                                   "mails explained together, 32; --benchmark: questions, 50)")
+    ev.add_argument("--batch-size", type=_at_least(1),
+                    help="perturbed inputs per forward pass (default 256; --model spam: mails explained together, "
+                         "32; --benchmark: questions, 50)")
     ev.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     ev.add_argument("--out", default="lrp-eval", help="output folder (default: lrp-eval)")
     ev.set_defaults(func=_evaluate)
@@ -754,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     vd.add_argument("--high", type=float, help="highest input value for z^B (default: pixel 1 after the "
                                                "preprocessing)")
     vd.add_argument("--maxpool", choices=["max", "average"], default="max", help="relevance at max-pooling")
-    for flag, kwargs in (("--size", dict(type=int)), ("--crop", dict(type=int)),
+    for flag, kwargs in (("--size", dict(type=_at_least(0))), ("--crop", dict(type=_at_least(0))),
                          ("--mean", dict(type=float, nargs="+")), ("--std", dict(type=float, nargs="+")),
                          ("--pixels", dict(choices=PIXEL_CHOICES)), ("--grayscale", dict(action="store_true")),
                          ("--invert", dict(action="store_true"))):
@@ -773,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "does not compare between frames. The overlay's gray is the frame's brightness as it is "
                          "(lrp explain stretches each picture's contrast between its 1st and 99th percentiles; on "
                          "video that would make the brightness flicker)")
-    vd.add_argument("--cmap", default="bwr", choices=["bwr", "seismic", "coldnhot", "gray", "wred"],
+    vd.add_argument("--cmap", default="bwr", choices=CMAPS,
                     help="colour map (default: bwr: red for, blue against the class)")
     vd.set_defaults(func=_video)
     return parser

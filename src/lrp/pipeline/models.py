@@ -63,9 +63,11 @@ def _torchvision_model(name: str, weights: Optional[str]) -> torch.nn.Module:
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(f"unknown model {name!r}: give {MODEL_SPECS}")
+    if weights is None:  # nothing is downloaded: random weights, the same on every run (seed 0, global RNG untouched)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return torchvision.models.get_model(name, weights=None)
     model = torchvision.models.get_model(name, weights=None)
-    if weights is None:
-        return model
     state = _read_state_dict(weights)
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
