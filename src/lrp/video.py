@@ -258,6 +258,31 @@ class VideoReader:
                                  f"handle; re-encode it at one size")
             yield array, stamp
 
+    def timed_rate(self) -> Optional[Fraction]:
+        """The average frame rate the timestamps give: frames / the time from the first frame's start to the last
+        one's end, read from the packets (no decoding) of a second opening of the file. A container may state
+        another rate than its timestamps keep (a variable-rate .mkv saying 30); None where they give none."""
+        starts: list[int] = []
+        end: Optional[int] = None
+        try:
+            with av.open(str(self.path)) as container:
+                stream = container.streams.video[0]
+                base = Fraction(stream.time_base) if stream.time_base else None
+                for packet in container.demux(stream):
+                    if packet.pts is None or not packet.size:  # no time, or the demuxer's closing empty packet
+                        continue
+                    starts.append(packet.pts)
+                    if packet.duration:
+                        end = max(end or 0, packet.pts + packet.duration)
+        except (av.error.FFmpegError, OSError):  # a broken tail: what was read so far
+            pass
+        if base is None or len(starts) < 2:
+            return None
+        first, last = min(starts), max(starts)
+        stop = end if end is not None and end > last else last + Fraction(last - first, len(starts) - 1)
+        span = (stop - first) * base
+        return Fraction(len(starts)) / span if span > 0 else None
+
     def close(self) -> None:
         self.container.close()
 
@@ -752,7 +777,10 @@ def _run(pipeline: Pipeline, reader: VideoReader, out: Path, composite: Union[st
     if reader.has_audio:
         tell(f"{reader.path} has sound: the output has none (lrp video writes the picture only)")
     out_width, out_height = renderer.size
-    writer = VideoWriter(out, out_width, out_height, reader.rate, reader.time_base, note=tell,
+    rate = reader.rate
+    if OUTPUT_FORMATS.get(Path(out).suffix.lower(), ("", ""))[1] == "mpeg4":  # AVI: one constant rate, the average
+        rate = reader.timed_rate() or reader.rate
+    writer = VideoWriter(out, out_width, out_height, rate, reader.time_base, note=tell,
                          variable_rate=reader.variable_rate)
     frames_in_memory = max(batch_size, BUFFER_BYTES // (width * height * 3))
     buffered: list[tuple[np.ndarray, Stamp, int]] = []  # (frame, stamp, pending index or -1: held)
