@@ -12,7 +12,6 @@ magnitude (inductor fuses and reorders floating-point work, so the compiled prog
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -21,22 +20,18 @@ import torchvision
 
 import lrp
 
-from harness import check_device, machine_lines  # benchmarks/harness.py
+from harness import argument_parser, check_device, frozen_torchvision, machine_lines  # benchmarks/harness.py
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     check_device(args.device)
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)().eval().to(args.device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen_torchvision(args.model, args.device)
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
     explainer = lrp.Explainer(model, "epsilon-plus-flat", cuda_graphs=False)
     for _ in range(3):  # eager, recorded, replayed

@@ -223,6 +223,18 @@ def check_device(device: str) -> None:
                "False); use --device cpu")
 
 
+def frozen_torchvision(name: str, device: str) -> torch.nn.Module:
+    """torchvision model ``name`` with random weights (seed 0), in eval mode on ``device``, parameters frozen (as
+    lrp freezes them, so that the gradient it is compared with computes no weight gradients either)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 

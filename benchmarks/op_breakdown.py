@@ -16,7 +16,6 @@ shows what it costs on this machine, and so what a z+ layer's extra forward adds
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import torch
@@ -25,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import lrp
 
-from harness import check_device, machine_lines  # benchmarks/harness.py
+from harness import argument_parser, check_device, frozen_torchvision, machine_lines  # benchmarks/harness.py
 
 KINDS = ("convolution forward", "convolution backward", "matrix products", "pooling", "elementwise and other")
 
@@ -60,19 +59,15 @@ def profiled(run, device: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--composite", default="epsilon-plus-flat")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     check_device(args.device)
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)().eval().to(args.device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen_torchvision(args.model, args.device)
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
     with torch.no_grad():
         target = model(x).argmax(1)
