@@ -256,3 +256,14 @@ def test_a_torchvision_model_without_weights_is_said_to_be_random_and_is_the_sam
                         "--crop", "32", "--out", str(tmp_path / "out"))
     assert status == 0, err
     assert "note: --model resnet18 has random weights" in err and "--weights FILE" in err
+
+
+def test_weights_that_are_not_a_state_dict_are_one_plain_line(digits, tmp_path, capsys):
+    """torch's refusal to unpickle a whole module runs over several lines, with terminal colour codes: lrp gives
+    its first line, plain, and the way out."""
+    torch.save({"layer": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # a module, not a state dict
+    status, err = _main(capsys, "explain", str(digits / "digit0.png"), "--model", "resnet18", "--weights",
+                        str(tmp_path / "module.pt"), "--out", str(tmp_path / "out"))
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot read weights from" in err and "torch.save(model.state_dict(), path)" in err
+    assert "\x1b" not in err

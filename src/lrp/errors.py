@@ -1,5 +1,7 @@
 """Exceptions raised by lrp. Every message names the problem and a way out."""
 
+import re
+
 
 class LRPError(RuntimeError):
     """Base class of all errors raised by lrp."""
@@ -27,7 +29,8 @@ class InputError(LRPError, ValueError):
 
 def one_line(exc: BaseException) -> str:
     """``exc`` as one line for a person: lrp's own messages as they are, others with their type."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # terminal colour codes some messages carry
+    first = text.splitlines()[0].rstrip() if text else ""
     if isinstance(exc, LRPError):
         return first or type(exc).__name__
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 
 MODEL_SPECS = ("'mnist' (built-in), a torchvision model name (e.g. vgg16, resnet50; with --weights), "
                "'module.path:factory' or 'path/to/file.py:factory', a torch.export program file (.pt2), a Keras "
@@ -39,8 +39,8 @@ def _read_state_dict(path: str) -> dict:
     except FileNotFoundError:
         raise ModelError(f"weights file {path} does not exist") from None
     except Exception as exc:
-        raise ModelError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}. Give a state dict saved "
-                         f"with torch.save(model.state_dict(), path)") from None
+        raise ModelError(f"cannot read weights from {path}: {one_line(exc)} Give a state dict saved with "
+                         f"torch.save(model.state_dict(), path)") from None  # torch's message: several lines
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
