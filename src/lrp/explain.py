@@ -193,12 +193,6 @@ def _check(model: object, x: object) -> list[Tensor]:
         if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
             raise LRPError(f"{name} must be a floating-point tensor or integer token ids, got {t.dtype}")
         check_batch(name, t, inputs[0])
-    inference = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()),
-                     None)
-    if inference is not None:
-        raise LRPError(f"the model's tensor '{inference}' was made under torch.inference_mode(): autograd cannot "
-                       f"record an inference tensor, and lrp explains through autograd. Build or load the model "
-                       f"outside torch.inference_mode() (torch.no_grad() is fine)")
     scripted = [name or "<model>" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
     if scripted:
         raise LRPError(f"module '{scripted[0]}' is TorchScript: its operations run inside the TorchScript "
@@ -210,6 +204,13 @@ def _check(model: object, x: object) -> list[Tensor]:
 def _explain(model: torch.nn.Module, x: Inputs, target: TargetSpec, comp: Composite, start: StartSpec,
              from_logits: bool, record_layers: bool, eval_mode: bool, cache: Optional[WeightCache]) -> Explanation:
     inputs = _check(model, x)
+    # on the eager path only (a replay's model state is the recorded one, which passed here)
+    inference = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()),
+                     None)
+    if inference is not None:
+        raise LRPError(f"the model's tensor '{inference}' was made under torch.inference_mode(): autograd cannot "
+                       f"record an inference tensor, and lrp explains through autograd. Build or load the model "
+                       f"outside torch.inference_mode() (torch.no_grad() is fine)")
     leaves = [t.detach() if not t.is_floating_point() else t.detach().requires_grad_(True) for t in inputs]
     trace = Trace(model, comp, leaves)
     propagation: Optional[Propagation] = None
