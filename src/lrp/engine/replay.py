@@ -121,7 +121,7 @@ def _class_state(cls: type, held: list[Any], counts: list[int], seen: set[type])
             continue
         seen.add(klass)
         defined: Any = vars(klass)
-        if klass.__module__.startswith("torch."):
+        if str(getattr(klass, "__module__", "")).startswith("torch."):
             defined = {"forward": defined["forward"]} if "forward" in defined else {}
         held.append(klass)
         counts.append(len(defined))
