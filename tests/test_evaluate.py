@@ -463,3 +463,43 @@ def test_agreement_with_quantus():
                                                             channel_first=True)
         # Quantus adds 1e-7 to every |R| before the Gini index
         np.testing.assert_allclose(ours_fn(res.relevance), theirs, rtol=rtol, err_msg=metric.__name__)
+
+
+# --------------------------------------------------------------------------- found by a new-user bug hunt
+
+def test_relevance_that_is_not_finite_is_refused_not_scored():
+    model = lrp.models.mnist()
+    x, _ = lrp.models.mnist_digits("test", limit=2)
+    relevance = lrp.explain(model, x).relevance
+    spoilt = relevance.clone()
+    spoilt[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="1 values that are not finite"):
+        evaluate.perturbation_curve(model, x, spoilt, steps=2)
+    with pytest.raises(ValueError, match="not finite"):
+        evaluate.pointing_game(spoilt, x > 0.5)
+    with pytest.raises(ValueError, match="not finite.*heatmap cannot show"):
+        lrp.heatmap(spoilt[0, 0])
+    # a NumPy array is relevance too, as the other metrics take it
+    as_array = evaluate.perturbation_curve(model, x, relevance.numpy(), steps=2)
+    np.testing.assert_array_equal(as_array.scores, evaluate.perturbation_curve(model, x, relevance, steps=2).scores)
+
+
+def test_probability_of_a_single_score_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 1))  # no sigmoid: softmax over one class would be 1 whatever is removed
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="two classes or more"):
+        evaluate.perturbation_curve(model, x, torch.randn(3, 8), score="probability", steps=2)
+
+
+def test_one_name_where_names_are_expected_is_one_name_not_its_letters():
+    model = lrp.models.mnist()
+    x, _ = lrp.models.mnist_digits("test", limit=4)
+    one = evaluate.compare(model, x, methods="gradient", orders="morf", steps=3)
+    listed = evaluate.compare(model, x, methods=["gradient"], orders=["morf"], steps=3)
+    assert [r["method"] for r in one.rows] == ["gradient"]
+    np.testing.assert_array_equal(one.curves["gradient"]["morf"].scores, listed.curves["gradient"]["morf"].scores)
+    single = evaluate.randomisation_check(model, x, metrics="spearman", layers="9")
+    assert single.layers == ["none", "9"] and list(single.similarity) == ["spearman"]
+    with pytest.raises(ValueError, match="module '1' \\(ReLU\\) has no parameters to randomise"):
+        evaluate.randomisation_check(model, x, layers=["9", "1"])

@@ -53,6 +53,9 @@ def relevance_map(relevance: ArrayLike, channels: str = "sum") -> np.ndarray:
 
 
 def _scale(r: np.ndarray, vmax: Optional[float], percentile: float) -> np.ndarray:
+    if not np.isfinite(r).all():  # one NaN or inf would make the scale, and so the whole map, blank
+        raise ValueError(f"the relevance holds {int((~np.isfinite(r)).sum())} values that are not finite (NaN or "
+                         f"infinity), which a heatmap cannot show: the model overflowed on this input")
     if vmax is None:
         magnitude = np.abs(r)
         vmax = float(np.percentile(magnitude, percentile)) if percentile < 100 else float(magnitude.max())

@@ -95,6 +95,8 @@ def compare(
     objects, functions ``(model, x, target) -> relevance`` or relevance tensors computed beforehand (no time
     then); a mapping gives them display names. ``ms_per_sample`` is the time to explain, per input.
     All methods explain the same target (default: the model's prediction on ``x``)."""
+    methods = [methods] if isinstance(methods, str) else methods  # one name, not its letters
+    orders = (orders,) if isinstance(orders, str) else orders
     if isinstance(methods, Mapping):
         named = dict(methods)
     else:

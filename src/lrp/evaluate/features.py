@@ -8,7 +8,7 @@ patches of features.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 
@@ -20,9 +20,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def finite(relevance: Any) -> Tensor:
+    """``relevance`` as a tensor; ``ValueError`` where it holds NaN or infinity, which would be ranked, compared
+    and scored as if they were numbers (NaN as the lowest or as no relevance at all)."""
+    relevance = torch.as_tensor(relevance)
+    if relevance.is_floating_point() and not bool(relevance.isfinite().all()):
+        bad = int((~relevance.isfinite()).sum())
+        raise ValueError(f"the relevance holds {bad} values that are not finite (NaN or infinity): an explanation "
+                         f"of a model that overflowed cannot be scored; leave those samples out")
+    return relevance
+
+
 def feature_relevance(relevance: Tensor, x_shape: Sequence[int]) -> Tensor:
     """Relevance per feature, ``(N, *spatial)`` (channels summed), for inputs shaped ``x_shape``."""
-    relevance = torch.as_tensor(relevance)
+    relevance = finite(relevance)
     n = x_shape[0]
     if len(x_shape) < 2:
         raise ValueError(f"inputs must be a batch (N, features) or (N, C, ...); got shape {tuple(x_shape)}")

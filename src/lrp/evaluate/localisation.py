@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .features import feature_relevance
+from .features import feature_relevance, finite
 
 Tensor = torch.Tensor
 
 
 def _prepare(relevance, mask) -> tuple[Tensor, Tensor]:
-    relevance = torch.as_tensor(relevance).detach()
+    relevance = finite(relevance).detach()
     mask = torch.as_tensor(mask).to(relevance.device)
     n = relevance.shape[0]
     if relevance.ndim >= 3:

@@ -121,9 +121,9 @@ def _score_fn(score: Score) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
         return target_scores
     if score == "probability":
         def probability(out: Tensor, idx: Optional[Tensor]) -> Tensor:
-            if out.ndim != 2:
-                raise ValueError(f"score='probability' needs an output shaped (batch, classes); this model returns "
-                                 f"{tuple(out.shape)}: use score='logit' or a callable")
+            if out.ndim != 2 or out.shape[1] < 2:  # softmax over one class is 1 whatever is removed
+                raise ValueError(f"score='probability' needs an output shaped (batch, classes) with two classes or "
+                                 f"more; this model returns {tuple(out.shape)}: use score='logit' or a callable")
             return target_scores(torch.softmax(out, 1), idx)
         return probability
     raise ValueError(f"score must be 'logit', 'probability' or a callable (output, target) -> scores; got {score!r}")
@@ -202,7 +202,7 @@ def perturbation_curve(
     if order not in ("morf", "lerf"):
         raise ValueError(f"order must be 'morf' (most relevant first) or 'lerf' (least relevant first), got {order!r}")
     regions = Regions(x, patch)
-    ranking = regions.scores(relevance.to(x.device))
+    ranking = regions.scores(torch.as_tensor(relevance).to(x.device))
     if steps is None:
         steps = min(regions.count, 100)
     if not 1 <= steps <= regions.count:

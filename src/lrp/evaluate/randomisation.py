@@ -122,6 +122,8 @@ def randomisation_check(
     """
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
+    metrics = [metrics] if isinstance(metrics, str) else metrics  # one name, not its letters
+    layers = [layers] if isinstance(layers, str) else layers
     if metrics is None:
         images = x.ndim == 4 and min(x.shape[2:]) >= 7
         metrics = ("spearman", "ssim", "relative_l2") if images else ("spearman", "relative_l2")
@@ -136,6 +138,10 @@ def randomisation_check(
     if missing:
         raise ValueError(f"no module named {missing[0]!r} in the model; module names look like "
                          f"{[n for n in names if n][:4]}")
+    fixed = [name for name in layers if next(names[name].parameters(), None) is None]
+    if fixed:  # a ReLU, a Flatten: nothing to randomise, and its step would read as "the method ignores the model"
+        raise ValueError(f"module {fixed[0]!r} ({type(names[fixed[0]]).__name__}) has no parameters to randomise; "
+                         f"name modules with weights (default: every module with parameters)")
     with frozen(model), torch.no_grad():
         out = model_output(model(x))
     if out.ndim == 2 and out.shape[1] >= 2 or out.ndim > 2:
