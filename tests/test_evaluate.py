@@ -503,3 +503,22 @@ def test_one_name_where_names_are_expected_is_one_name_not_its_letters():
     assert single.layers == ["none", "9"] and list(single.similarity) == ["spearman"]
     with pytest.raises(ValueError, match="module '1' \\(ReLU\\) has no parameters to randomise"):
         evaluate.randomisation_check(model, x, layers=["9", "1"])
+
+
+def test_compare_times_each_method_after_a_warm_up_call():
+    """A process's first call of a method pays one-time costs (imports, allocations); ``ms_per_sample`` leaves
+    them out, as ``lrp evaluate``'s report does: each method is called once on the first input before the timed
+    call. A relevance tensor given beforehand is neither called nor timed."""
+    model = lrp.models.mnist()
+    x, _ = lrp.models.mnist_digits("test", limit=4)
+    sizes = []
+
+    def gradient_x_input(model, x, target):
+        sizes.append(len(x))
+        return baselines.gradient_x_input(model, x, target)
+
+    given = lrp.explain(model, x).relevance
+    table = evaluate.compare(model, x, methods={"gxi": gradient_x_input, "given": given}, orders="morf", steps=2)
+    assert sizes == [1, 4]
+    rows = {r["method"]: r for r in table.rows}
+    assert rows["gxi"]["ms_per_sample"] > 0 and math.isnan(rows["given"]["ms_per_sample"])

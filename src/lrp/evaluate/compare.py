@@ -93,7 +93,8 @@ def compare(
     ABPC (``AUC_lerf - AUC_morf``, when both), sparseness and entropy, and with ``masks`` the pointing game,
     relevance mass and rank accuracy. Methods are names (composites or baselines), :class:`lrp.Composite`
     objects, functions ``(model, x, target) -> relevance`` or relevance tensors computed beforehand (no time
-    then); a mapping gives them display names. ``ms_per_sample`` is the time to explain, per input.
+    then); a mapping gives them display names. ``ms_per_sample`` is the time to explain, per input, after one
+    warm-up call on the first input.
     All methods explain the same target (default: the model's prediction on ``x``)."""
     methods = [methods] if isinstance(methods, str) else methods  # one name, not its letters
     orders = (orders,) if isinstance(orders, str) else orders
@@ -115,6 +116,11 @@ def compare(
     heatmaps: dict[str, Tensor] = {}
     for name, spec in named.items():
         relevance_of = resolve_method(spec)
+        if not isinstance(spec, Tensor):  # a warm-up on the first input, as lrp evaluate's report makes: a
+            try:  # process's first-call costs are not timed
+                relevance_of(model, x[:1], None if idx is None else idx[:1])
+            except Exception:  # said by the call on the whole batch below, in its terms
+                pass
         began = time.perf_counter()
         relevance = relevance_of(model, x, idx)
         if relevance.is_cuda:
